@@ -1,0 +1,6 @@
+"""mlvicx_fast: MLVICX self-supervised pretraining for chest X-rays, with fused Triton kernels."""
+__version__ = "0.1.0"
+
+from .nn.loss import MLVICXLoss, VICRegLoss  # noqa: E402
+
+__all__ = ["MLVICXLoss", "VICRegLoss", "__version__"]

@@ -1,0 +1,58 @@
+"""Where Triton kernels may run, and the launch settings every op shares.
+
+Triton kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
+``mlvicx_fast`` was imported (Triton's interpreter, used by the tests on machines without a GPU).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton ships with the CUDA builds of torch; on a CPU build it is an optional extra.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_can_run(*tensors: torch.Tensor) -> bool:
+    """Whether a Triton kernel can be launched on these tensors here."""
+    if not HAS_TRITON:
+        return False
+    if all(t.is_cuda for t in tensors):
+        return True
+    return interpreting() and all(t.device.type == "cpu" for t in tensors)
+
+
+def require_triton(op: str, *tensors: torch.Tensor) -> None:
+    """Raise a clear error when backend='triton' was asked for where it cannot run."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"{op}: backend='triton' needs the triton package (pip install triton)")
+    if not triton_can_run(*tensors):
+        devices = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(
+            f"{op}: backend='triton' needs CUDA tensors (got {', '.join(devices)}); CPU tensors run "
+            "Triton only in its interpreter, with TRITON_INTERPRET=1 set before import"
+        )
+
+
+def fp32_dot_precision() -> str:
+    """`input_precision` for tl.dot on float32 operands.
+
+    On a GPU: '3xTF32' (three TF32 tensor-core products, close to float32 accuracy), or single
+    TF32 when the user turned on ``torch.backends.cuda.matmul.allow_tf32``. The interpreter computes
+    dots with numpy in float32 whatever this says.
+    """
+    if interpreting():
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"

@@ -1,0 +1,589 @@
+r"""VICReg loss (invariance, variance, covariance) through the small Gram matrix.
+
+For embeddings Z, Z' of shape (b, r), b >= 2 samples and r >= 1 features (official VICReg,
+facebookresearch/vicreg ``main_vicreg.py``, which MLVICX follows)::
+
+    inv(Z, Z') = 1/(b r) * sum_ij (Z_ij - Z'_ij)^2                         (F.mse_loss)
+    Zc         = Z - mean_rows(Z),   v_j = sum_i Zc_ij^2 / (b - 1)          (unbiased variance)
+    var(Z)     = 1/r * sum_j relu(1 - sqrt(v_j + eps))
+    cov(Z)     = 1/r * sum_{l != q} C_lq^2,   C = Zc^T Zc / (b - 1)          (r x r)
+    L          = sim * inv + std * (var(Z) + var(Z')) / 2 + cov_c * (cov(Z) + cov(Z'))
+
+Exact reformulation used here (no r x r matrix when b <= r): with G = Zc Zc^T (b x b),
+``||C||_F^2 = ||G||_F^2 / (b-1)^2`` and ``sum_l C_ll^2 = sum_j v_j^2``, so
+
+    cov(Z) = (||G||_F^2 / (b-1)^2 - sum_j v_j^2) / r
+    d cov / dZ = 4 / (r (b-1)) * (G Zc / (b-1) - Zc diag(v))
+    d var / dZ = -1 / (r (b-1)) * Zc * [sqrt(v + eps) < 1] / sqrt(v + eps)     (per view, before /2)
+    d inv / dZ = 2 (Z - Z') / (b r),   d inv / dZ' = -d inv / dZ
+
+Both gradient terms of cov already have zero column mean, so centring adds nothing to them.
+When b > r the r x r form is cheaper and is used instead:
+``cov = sum_{l != q} C_lq^2 / r`` and ``d cov / dZ = 4 / (r (b-1)) * Zc (C - diag C)``.
+
+The Gram form subtracts the diagonal energy D = sum_j v_j^2 from ||G||^2/(b-1)^2; everything is
+accumulated in float32, so its absolute error is about 1e-7 * D even when the embeddings are
+nearly decorrelated (the off-diagonal part then is a tiny remainder of two large numbers).
+
+Inputs: two 2-D tensors of equal shape and floating dtype (float32, bfloat16, float16), any
+strides. Statistics accumulate in float32; gradients are returned in the input dtype.
+NaN or Inf anywhere in the inputs gives a NaN loss (never a silent zero).
+
+Backends:
+  ``triton``    the fused kernels below: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+  ``torch``     the same Gram formulation in plain torch ops (the CPU path, or no Triton)
+  ``reference`` the official formula, autograd through an r x r covariance (for tests)
+  ``auto``      triton on CUDA tensors when Triton is installed, torch otherwise
+The forward pass computes the gradients too (the loss is a scalar), so backward is one scale.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import HAS_TRITON, fp32_dot_precision, interpreting, require_triton, tl, triton, triton_can_run
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _stats_kernel(
+        z1_ptr, z2_ptr, sb, sr,
+        mean_ptr, var_ptr, part_ptr,
+        b, r, eps,
+        HAS_INV: tl.constexpr, NEED_STATS: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """Per column block: mean and unbiased variance of both views, and partial sums of
+        (z1 - z2)^2, relu(1 - std) per view and v^2 per view (row `pid` of `part`, 8 floats)."""
+        pid = tl.program_id(0)
+        cols = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        cmask = cols < r
+        sum1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        sum2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for start in range(0, b, BLOCK_B):
+            rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
+            m = (rows < b)[:, None] & cmask[None, :]
+            x1 = tl.load(z1_ptr + rows[:, None] * sb + cols[None, :] * sr, mask=m, other=0.0).to(tl.float32)
+            x2 = tl.load(z2_ptr + rows[:, None] * sb + cols[None, :] * sr, mask=m, other=0.0).to(tl.float32)
+            sum1 += tl.sum(x1, axis=0)
+            sum2 += tl.sum(x2, axis=0)
+            if HAS_INV:
+                d = x1 - x2
+                sq += tl.sum(d * d, axis=0)
+        part = part_ptr + pid * 8
+        tl.store(part + 0, tl.sum(sq, axis=0))
+        if not NEED_STATS:
+            for slot in tl.static_range(1, 5):
+                tl.store(part + slot, 0.0)
+        else:
+            mean1 = sum1 / b
+            mean2 = sum2 / b
+            ss1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+            ss2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for start in range(0, b, BLOCK_B):
+                rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
+                m = (rows < b)[:, None] & cmask[None, :]
+                x1 = tl.load(z1_ptr + rows[:, None] * sb + cols[None, :] * sr, mask=m, other=0.0).to(tl.float32)
+                x2 = tl.load(z2_ptr + rows[:, None] * sb + cols[None, :] * sr, mask=m, other=0.0).to(tl.float32)
+                c1 = tl.where(m, x1 - mean1[None, :], 0.0)
+                c2 = tl.where(m, x2 - mean2[None, :], 0.0)
+                ss1 += tl.sum(c1 * c1, axis=0)
+                ss2 += tl.sum(c2 * c2, axis=0)
+            v1 = ss1 / (b - 1)
+            v2 = ss2 / (b - 1)
+            tl.store(mean_ptr + cols, mean1, mask=cmask)
+            tl.store(mean_ptr + r + cols, mean2, mask=cmask)
+            tl.store(var_ptr + cols, v1, mask=cmask)
+            tl.store(var_ptr + r + cols, v2, mask=cmask)
+            # relu written as where(h < 0, 0, h) so that a NaN passes through
+            h1 = 1.0 - tl.sqrt(v1 + eps)
+            h2 = 1.0 - tl.sqrt(v2 + eps)
+            h1 = tl.where(cmask, tl.where(h1 < 0.0, 0.0, h1), 0.0)
+            h2 = tl.where(cmask, tl.where(h2 < 0.0, 0.0, h2), 0.0)
+            tl.store(part + 1, tl.sum(h1, axis=0))
+            tl.store(part + 2, tl.sum(h2, axis=0))
+            tl.store(part + 3, tl.sum(tl.where(cmask, v1 * v1, 0.0), axis=0))
+            tl.store(part + 4, tl.sum(tl.where(cmask, v2 * v2, 0.0), axis=0))
+
+    @triton.jit
+    def _gram_kernel(
+        z1_ptr, z2_ptr, sb, sr,
+        mean_ptr, out_ptr, part_ptr,
+        b, r, scale,
+        TRANSPOSED: tl.constexpr, PREC: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr,
+    ):
+        """One BM x BM tile of X X^T * scale for view program_id(2), X the centred input.
+
+        TRANSPOSED=False: X = Zc (b x r), reduction over r; out is the (b x b) matrix G/(b-1).
+        TRANSPOSED=True:  X = Zc^T (r x r result), reduction over b; the diagonal is zeroed so out
+        is C - diag(C). Only tiles with pid_n >= pid_m are computed and mirrored. Each program
+        writes the sum of squares its tile(s) add to the Frobenius norm into part."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        view = tl.program_id(2)
+        n_tiles = tl.num_programs(0) * tl.num_programs(1)
+        part = part_ptr + view * n_tiles + pid_m * tl.num_programs(1) + pid_n
+        if pid_n < pid_m:
+            tl.store(part, 0.0)
+            return
+        if view == 0:
+            z_ptr = z1_ptr
+        else:
+            z_ptr = z2_ptr
+        mean = mean_ptr + view * r
+        if TRANSPOSED:
+            M = r
+            K = b
+        else:
+            M = b
+            K = r
+        rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+        rn = (pid_n * BM + tl.arange(0, BM)).to(tl.int64)
+        acc = tl.zeros([BM, BM], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = (k0 + tl.arange(0, BK)).to(tl.int64)
+            if TRANSPOSED:
+                # tiles Z[k, m] and Z[k, n]; centre by the column means of m and n
+                ma = (rk < K)[:, None] & (rm < M)[None, :]
+                mb = (rk < K)[:, None] & (rn < M)[None, :]
+                a = tl.load(z_ptr + rk[:, None] * sb + rm[None, :] * sr, mask=ma, other=0.0).to(tl.float32)
+                bt = tl.load(z_ptr + rk[:, None] * sb + rn[None, :] * sr, mask=mb, other=0.0).to(tl.float32)
+                mu_m = tl.load(mean + rm, mask=rm < M, other=0.0)
+                mu_n = tl.load(mean + rn, mask=rn < M, other=0.0)
+                a = tl.where(ma, a - mu_m[None, :], 0.0)
+                bt = tl.where(mb, bt - mu_n[None, :], 0.0)
+                acc = tl.dot(tl.trans(a), bt, acc, input_precision=PREC)
+            else:
+                # tiles Z[m, k] and Z[n, k]; centre by the column means of k
+                ma = (rm < M)[:, None] & (rk < K)[None, :]
+                mb = (rn < M)[:, None] & (rk < K)[None, :]
+                a = tl.load(z_ptr + rm[:, None] * sb + rk[None, :] * sr, mask=ma, other=0.0).to(tl.float32)
+                bt = tl.load(z_ptr + rn[:, None] * sb + rk[None, :] * sr, mask=mb, other=0.0).to(tl.float32)
+                mu_k = tl.load(mean + rk, mask=rk < K, other=0.0)
+                a = tl.where(ma, a - mu_k[None, :], 0.0)
+                bt = tl.where(mb, bt - mu_k[None, :], 0.0)
+                acc = tl.dot(a, tl.trans(bt), acc, input_precision=PREC)
+        acc = acc * scale
+        if TRANSPOSED:
+            acc = tl.where(rm[:, None] == rn[None, :], 0.0, acc)
+        omask = (rm < M)[:, None] & (rn < M)[None, :]
+        out = out_ptr + view * M * M
+        tl.store(out + rm[:, None] * M + rn[None, :], acc, mask=omask)
+        sq = tl.sum(tl.sum(tl.where(omask, acc * acc, 0.0), axis=1), axis=0)
+        if pid_n != pid_m:
+            tl.store(out + rn[None, :] * M + rm[:, None], acc, mask=omask)
+            sq = sq * 2.0
+        tl.store(part, sq)
+
+    @triton.jit
+    def _grad_kernel(
+        z1_ptr, z2_ptr, sb, sr,
+        dz1_ptr, dz2_ptr, mean_ptr, var_ptr, gram_ptr,
+        b, r, eps, c_inv, c_var, c_cov,
+        HAS_INV: tl.constexpr, HAS_VAR: tl.constexpr, HAS_COV: tl.constexpr,
+        TRANSPOSED: tl.constexpr, PREC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):
+        """One BM x BN tile of dL/dZ for view program_id(2) (dz buffers are contiguous b x r).
+
+        c_inv = 2 sim / (b r), c_var = std / (2 r (b-1)), c_cov = 4 cov / (r (b-1))."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        view = tl.program_id(2)
+        if view == 0:
+            z_ptr = z1_ptr
+            o_ptr = z2_ptr
+            dz_ptr = dz1_ptr
+        else:
+            z_ptr = z2_ptr
+            o_ptr = z1_ptr
+            dz_ptr = dz2_ptr
+        mean = mean_ptr + view * r
+        rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+        rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+        mask = (rm < b)[:, None] & (rn < r)[None, :]
+        x = tl.load(z_ptr + rm[:, None] * sb + rn[None, :] * sr, mask=mask, other=0.0).to(tl.float32)
+        g = tl.zeros([BM, BN], dtype=tl.float32)
+        if HAS_INV:
+            y = tl.load(o_ptr + rm[:, None] * sb + rn[None, :] * sr, mask=mask, other=0.0).to(tl.float32)
+            g += c_inv * (x - y)
+        if HAS_VAR or HAS_COV:
+            mu_n = tl.load(mean + rn, mask=rn < r, other=0.0)
+            v_n = tl.load(var_ptr + view * r + rn, mask=rn < r, other=0.0)
+            xc = x - mu_n[None, :]
+            if HAS_VAR:
+                std = tl.sqrt(v_n + eps)
+                w = tl.where(1.0 - std > 0.0, 1.0 / std, 0.0)
+                g -= c_var * xc * w[None, :]
+            if HAS_COV:
+                acc = tl.zeros([BM, BN], dtype=tl.float32)
+                if TRANSPOSED:
+                    # acc = Zc[m, :] @ (C - diag C)[:, n], reduction over r
+                    cmat = gram_ptr + view * r * r
+                    for k0 in range(0, r, BK):
+                        rk = (k0 + tl.arange(0, BK)).to(tl.int64)
+                        ma = (rm < b)[:, None] & (rk < r)[None, :]
+                        a = tl.load(z_ptr + rm[:, None] * sb + rk[None, :] * sr, mask=ma, other=0.0).to(tl.float32)
+                        mu_k = tl.load(mean + rk, mask=rk < r, other=0.0)
+                        a = tl.where(ma, a - mu_k[None, :], 0.0)
+                        mc = (rk < r)[:, None] & (rn < r)[None, :]
+                        c = tl.load(cmat + rk[:, None] * r + rn[None, :], mask=mc, other=0.0)
+                        acc = tl.dot(a, c, acc, input_precision=PREC)
+                else:
+                    # acc = (G/(b-1))[m, :] @ Zc[:, n] - Zc[m, n] v[n], reduction over b
+                    gmat = gram_ptr + view * b * b
+                    for k0 in range(0, b, BK):
+                        rk = (k0 + tl.arange(0, BK)).to(tl.int64)
+                        ma = (rm < b)[:, None] & (rk < b)[None, :]
+                        a = tl.load(gmat + rm[:, None] * b + rk[None, :], mask=ma, other=0.0)
+                        mz = (rk < b)[:, None] & (rn < r)[None, :]
+                        zk = tl.load(z_ptr + rk[:, None] * sb + rn[None, :] * sr, mask=mz, other=0.0).to(tl.float32)
+                        zk = tl.where(mz, zk - mu_n[None, :], 0.0)
+                        acc = tl.dot(a, zk, acc, input_precision=PREC)
+                    acc -= xc * v_n[None, :]
+                g += c_cov * acc
+        tl.store(dz_ptr + rm[:, None] * r + rn[None, :], g.to(dz_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _finalize_kernel(
+        stat_ptr, n_stat, gram_part_ptr, n_gram, out_ptr,
+        b, r, sim, std_c, cov_c,
+        HAS_INV: tl.constexpr, HAS_VAR: tl.constexpr, HAS_COV: tl.constexpr,
+        SUB_DIAG: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Reduce the partial sums into out = [loss, inv, var, cov] (float32)."""
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([8, BLOCK], dtype=tl.float32)
+        slot = tl.arange(0, 8)
+        for start in range(0, n_stat, BLOCK):
+            idx = start + offs
+            m = (idx < n_stat)[None, :] & (slot < 5)[:, None]
+            acc += tl.load(stat_ptr + idx[None, :] * 8 + slot[:, None], mask=m, other=0.0)
+        s = tl.sum(acc, axis=1)
+        inv_sum = tl.sum(tl.where(slot == 0, s, 0.0), axis=0)
+        h_sum = tl.sum(tl.where((slot == 1) | (slot == 2), s, 0.0), axis=0)
+        d1 = tl.sum(tl.where(slot == 3, s, 0.0), axis=0)
+        d2 = tl.sum(tl.where(slot == 4, s, 0.0), axis=0)
+        g1 = tl.zeros([BLOCK], dtype=tl.float32)
+        g2 = tl.zeros([BLOCK], dtype=tl.float32)
+        if HAS_COV:
+            for start in range(0, n_gram, BLOCK):
+                idx = start + offs
+                m = idx < n_gram
+                g1 += tl.load(gram_part_ptr + idx, mask=m, other=0.0)
+                g2 += tl.load(gram_part_ptr + n_gram + idx, mask=m, other=0.0)
+        f1 = tl.sum(g1, axis=0)
+        f2 = tl.sum(g2, axis=0)
+        if SUB_DIAG:
+            f1 = f1 - d1
+            f2 = f2 - d2
+        inv = inv_sum / b / r
+        var = h_sum / (2 * r)
+        cov = (f1 + f2) / r
+        loss = 0.0
+        if HAS_INV:
+            loss += sim * inv
+        if HAS_VAR:
+            loss += std_c * var
+        if HAS_COV:
+            loss += cov_c * cov
+        tl.store(out_ptr + 0, loss)
+        tl.store(out_ptr + 1, inv)
+        tl.store(out_ptr + 2, var)
+        tl.store(out_ptr + 3, cov)
+
+
+def _tile_sizes(b: int, r: int) -> Dict[str, int]:
+    """Block sizes: GPU tiles for tensor cores; bigger, fewer programs in the interpreter."""
+    if interpreting():
+        return dict(stats_b=128, stats_r=64, gram_m=32, gram_k=128, grad_m=32, grad_n=64, grad_k=64, warps=4)
+    return dict(stats_b=32, stats_r=64, gram_m=64, gram_k=32, grad_m=64, grad_n=64, grad_k=32, warps=4)
+
+
+def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
+    b, r = z1.shape
+    dev = z1.device
+    has_inv, has_var, has_cov = sim != 0.0, std != 0.0, cov != 0.0
+    need_stats = has_var or has_cov
+    transposed = b > r
+    t = _tile_sizes(b, r)
+    prec = fp32_dot_precision()
+    if z1.stride() != z2.stride():  # the kernels address both views with one pair of strides
+        z1, z2 = z1.contiguous(), z2.contiguous()
+        strides = (r, 1)
+    else:
+        strides = z1.stride()
+
+    n_stat = triton.cdiv(r, t["stats_r"])
+    mean = torch.empty(2, r, device=dev, dtype=torch.float32)
+    var = torch.empty(2, r, device=dev, dtype=torch.float32)
+    stat_part = torch.empty(n_stat, 8, device=dev, dtype=torch.float32)
+    _stats_kernel[(n_stat,)](
+        z1, z2, *strides, mean, var, stat_part, b, r, eps,
+        HAS_INV=has_inv, NEED_STATS=need_stats,
+        BLOCK_B=t["stats_b"], BLOCK_R=t["stats_r"], num_warps=t["warps"],
+    )
+
+    m_dim = r if transposed else b
+    if has_cov:
+        gm = t["gram_m"]
+        n_m = triton.cdiv(m_dim, gm)
+        gram = torch.empty(2, m_dim, m_dim, device=dev, dtype=torch.float32)
+        gram_part = torch.empty(2, n_m * n_m, device=dev, dtype=torch.float32)
+        _gram_kernel[(n_m, n_m, 2)](
+            z1, z2, *strides, mean, gram, gram_part, b, r, 1.0 / (b - 1),
+            TRANSPOSED=transposed, PREC=prec, BM=gm, BK=t["gram_k"], num_warps=t["warps"],
+        )
+    else:
+        gram = gram_part = stat_part  # placeholders, never read
+    n_gram = gram_part.shape[1] if has_cov else 0
+
+    if need_grad:
+        dz1 = torch.empty((b, r), device=dev, dtype=z1.dtype)
+        dz2 = torch.empty((b, r), device=dev, dtype=z2.dtype)
+        bm, bn = t["grad_m"], t["grad_n"]
+        _grad_kernel[(triton.cdiv(b, bm), triton.cdiv(r, bn), 2)](
+            z1, z2, *strides, dz1, dz2, mean, var, gram, b, r, eps,
+            2.0 * sim / (b * r), std / (2.0 * r * (b - 1)), 4.0 * cov / (r * (b - 1)),
+            HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, TRANSPOSED=transposed, PREC=prec,
+            BM=bm, BN=bn, BK=t["grad_k"], num_warps=t["warps"],
+        )
+    else:
+        dz1 = dz2 = z1.new_empty(0)
+
+    out = torch.empty(4, device=dev, dtype=torch.float32)
+    _finalize_kernel[(1,)](
+        stat_part, n_stat, gram_part, n_gram, out, b, r, sim, std, cov,
+        HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, SUB_DIAG=not transposed, BLOCK=128,
+    )
+    return out, dz1, dz2
+
+
+# --------------------------------------------------------------------------------------------
+# Plain-torch Gram implementation (CPU, or no Triton): same math, float32 accumulation
+# --------------------------------------------------------------------------------------------
+def _forward_torch(z1, z2, sim, std, cov, eps, need_grad):
+    b, r = z1.shape
+    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    x = (z1.to(acc), z2.to(acc))
+    nan = torch.full((), math.nan, dtype=acc, device=z1.device)
+    terms = {"inv": nan, "var": nan, "cov": nan}
+    grads = [None, None]
+
+    def add_grad(i, g):
+        grads[i] = g if grads[i] is None else grads[i] + g
+
+    if sim != 0.0:
+        d = x[0] - x[1]
+        terms["inv"] = d.square().sum() / (b * r)
+        if need_grad:
+            add_grad(0, d * (2.0 * sim / (b * r)))
+            add_grad(1, d * (-2.0 * sim / (b * r)))
+    if std != 0.0 or cov != 0.0:
+        var_terms, cov_terms = [], []
+        for i in range(2):
+            xc = x[i] - x[i].mean(dim=0)
+            v = xc.square().sum(dim=0) / (b - 1)
+            if std != 0.0:
+                s = torch.sqrt(v + eps)
+                h = 1.0 - s
+                var_terms.append(torch.where(h < 0, 0.0, h).mean())  # relu that keeps NaN
+                if need_grad:
+                    add_grad(i, xc * torch.where(h > 0, 1.0 / s, 0.0) * (-std / (2.0 * r * (b - 1))))
+            if cov != 0.0:
+                c_cov = 4.0 * cov / (r * (b - 1))
+                if b <= r:  # Gram form, b x b
+                    gram = (xc @ xc.T) / (b - 1)
+                    cov_terms.append((gram.square().sum() - v.square().sum()) / r)
+                    if need_grad:
+                        add_grad(i, (gram @ xc - xc * v) * c_cov)
+                else:  # r x r form without its diagonal
+                    c = (xc.T @ xc) / (b - 1)
+                    c.diagonal().zero_()
+                    cov_terms.append(c.square().sum() / r)
+                    if need_grad:
+                        add_grad(i, (xc @ c) * c_cov)
+        if var_terms:
+            terms["var"] = (var_terms[0] + var_terms[1]) / 2
+        if cov_terms:
+            terms["cov"] = cov_terms[0] + cov_terms[1]
+    loss = torch.zeros((), dtype=acc, device=z1.device)
+    for coeff, key in ((sim, "inv"), (std, "var"), (cov, "cov")):
+        if coeff != 0.0:
+            loss = loss + coeff * terms[key]
+    out = torch.stack([loss, terms["inv"], terms["var"], terms["cov"]])
+    if not need_grad:
+        return out, z1.new_empty(0), z2.new_empty(0)
+    dz = [torch.zeros_like(z1) if g is None else g.to(z1.dtype) for g in grads]
+    return out, dz[0], dz[1]
+
+
+# --------------------------------------------------------------------------------------------
+# The op: a torch custom op (opaque to torch.compile), gradients computed in forward
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("mlvicx_fast::vicreg_fwd", mutates_args=())
+def _vicreg_fwd(
+    z1: torch.Tensor, z2: torch.Tensor, sim: float, std: float, cov: float, eps: float,
+    need_grad: bool, backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _forward_triton if backend == "triton" else _forward_torch
+    return impl(z1, z2, sim, std, cov, eps, need_grad)
+
+
+@_vicreg_fwd.register_fake
+def _(z1, z2, sim, std, cov, eps, need_grad, backend):
+    out = z1.new_empty(4, dtype=torch.float64 if z1.dtype == torch.float64 else torch.float32)
+    shape = z1.shape if need_grad else (0,)
+    return out, z1.new_empty(shape), z2.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, dz1, dz2 = output
+    ctx.save_for_backward(dz1, dz2)
+    ctx.need_grad = inputs[6]
+
+
+def _backward(ctx, grad_out, _g1, _g2):
+    if not ctx.need_grad:
+        raise RuntimeError("vicreg_loss: the loss was computed without gradients (no input required grad)")
+    dz1, dz2 = ctx.saved_tensors
+    g = grad_out[0]  # only the loss entry is differentiable; the terms are for logging
+    return dz1 * g, dz2 * g, None, None, None, None, None, None
+
+
+_vicreg_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference: the official formula (autograd through the r x r covariance)
+# --------------------------------------------------------------------------------------------
+def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    n = m.shape[0]
+    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def vicreg_loss_reference(
+    z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+    cov_coeff: float = 1.0, eps: float = 1e-4, return_terms: bool = False,
+):
+    """The official VICReg loss, written as in facebookresearch/vicreg (main_vicreg.py)."""
+    check_inputs(z1, z2)
+    b, r = z1.shape
+    repr_loss = F.mse_loss(z1, z2)
+    x = z1 - z1.mean(dim=0)
+    y = z2 - z2.mean(dim=0)
+    std_x = torch.sqrt(x.var(dim=0) + eps)
+    std_y = torch.sqrt(y.var(dim=0) + eps)
+    std_loss = torch.mean(F.relu(1 - std_x)) / 2 + torch.mean(F.relu(1 - std_y)) / 2
+    cov_x = (x.T @ x) / (b - 1)
+    cov_y = (y.T @ y) / (b - 1)
+    cov_loss = _off_diagonal(cov_x).pow(2).sum() / r + _off_diagonal(cov_y).pow(2).sum() / r
+    loss = sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
+    if return_terms:
+        return loss, {"inv": repr_loss.detach(), "var": std_loss.detach(), "cov": cov_loss.detach()}
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+def check_inputs(z1: torch.Tensor, z2: torch.Tensor) -> None:
+    """Raise ValueError/TypeError naming what was received when z1, z2 are not a valid pair."""
+    for name, z in (("z1", z1), ("z2", z2)):
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"vicreg_loss: {name} must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 2:
+            raise ValueError(
+                f"vicreg_loss: {name} must be 2-D (batch, features), got shape {tuple(z.shape)}"
+            )
+        if z.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"vicreg_loss: {name} has dtype {z.dtype}; expected one of float32, bfloat16, "
+                "float16 (or float64)"
+            )
+    if z1.shape != z2.shape:
+        raise ValueError(
+            f"vicreg_loss: z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+    if z1.dtype != z2.dtype:
+        raise TypeError(f"vicreg_loss: z1 and z2 must have the same dtype, got {z1.dtype} and {z2.dtype}")
+    if z1.device != z2.device:
+        raise ValueError(f"vicreg_loss: z1 and z2 are on different devices ({z1.device} and {z2.device})")
+    b, r = z1.shape
+    if b < 2:
+        raise ValueError(
+            f"vicreg_loss: the batch must hold at least 2 samples (variance is unbiased), got shape {tuple(z1.shape)}"
+        )
+    if r < 1:
+        raise ValueError(f"vicreg_loss: embeddings need at least 1 feature, got shape {tuple(z1.shape)}")
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Map backend='auto' to 'triton' (CUDA tensors and Triton installed) or 'torch'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"vicreg_loss: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        fp64 = any(t.dtype == torch.float64 for t in tensors)
+        return "triton" if all(t.is_cuda for t in tensors) and HAS_TRITON and not fp64 else "torch"
+    if backend == "triton":
+        require_triton("vicreg_loss", *tensors)
+        if any(t.dtype == torch.float64 for t in tensors):
+            raise TypeError("vicreg_loss: backend='triton' takes float32, bfloat16 or float16, got float64")
+    return backend
+
+
+def vicreg_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    sim_coeff: float = 25.0,
+    std_coeff: float = 25.0,
+    cov_coeff: float = 1.0,
+    eps: float = 1e-4,
+    backend: str = "auto",
+    return_terms: bool = False,
+):
+    """VICReg loss of two views, official value, fused forward and backward.
+
+    Args:
+        z1, z2: embeddings of the two views, shape (b, r) with b >= 2; float32, bfloat16 or
+            float16 (float64 runs on the torch backend); any strides.
+        sim_coeff, std_coeff, cov_coeff: weights of the invariance, variance and covariance terms
+            (official 25, 25, 1). A zero weight skips that term's work.
+        eps: added to the variance under the square root (official 1e-4).
+        backend: 'auto', 'triton', 'torch' or 'reference' (see the module docstring).
+        return_terms: also return a dict of the unweighted terms {'inv', 'var', 'cov'} (detached
+            float32 scalars, from the same pass); a term whose weight is zero is not computed and
+            is left out.
+
+    Returns:
+        The scalar loss (float32 on the fused backends, whatever the input dtype), or
+        (loss, terms) with return_terms=True. NaN or Inf in the inputs gives a NaN loss.
+    """
+    check_inputs(z1, z2)
+    backend = resolve_backend(backend, z1, z2)
+    sim, std, cov, eps = float(sim_coeff), float(std_coeff), float(cov_coeff), float(eps)
+    if backend == "reference":
+        loss, terms = vicreg_loss_reference(z1, z2, sim, std, cov, eps, return_terms=True)
+        if return_terms:
+            return loss, {k: v for (k, v), c in zip(terms.items(), (sim, std, cov)) if c != 0.0}
+        return loss
+    need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
+    out, _, _ = _vicreg_fwd(z1, z2, sim, std, cov, eps, need_grad, backend)
+    loss = out[0]
+    if not return_terms:
+        return loss
+    values = out[1:].detach()
+    terms = {k: values[i] for i, (k, c) in enumerate((("inv", sim), ("var", std), ("cov", cov))) if c != 0.0}
+    return loss, terms
