@@ -68,6 +68,10 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         cols = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         cmask = cols < r
+        # sums are taken around the first row (shifted data), so that a constant column has
+        # exactly its value as mean and exactly zero deviations
+        shift1 = tl.load(z1_ptr + cols * sr, mask=cmask, other=0.0).to(tl.float32)
+        shift2 = tl.load(z2_ptr + cols * sr, mask=cmask, other=0.0).to(tl.float32)
         sum1 = tl.zeros([BLOCK_R], dtype=tl.float32)
         sum2 = tl.zeros([BLOCK_R], dtype=tl.float32)
         sq = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -76,8 +80,8 @@ if HAS_TRITON:
             m = (rows < b)[:, None] & cmask[None, :]
             x1 = tl.load(z1_ptr + rows[:, None] * sb + cols[None, :] * sr, mask=m, other=0.0).to(tl.float32)
             x2 = tl.load(z2_ptr + rows[:, None] * sb + cols[None, :] * sr, mask=m, other=0.0).to(tl.float32)
-            sum1 += tl.sum(x1, axis=0)
-            sum2 += tl.sum(x2, axis=0)
+            sum1 += tl.sum(tl.where(m, x1 - shift1[None, :], 0.0), axis=0)
+            sum2 += tl.sum(tl.where(m, x2 - shift2[None, :], 0.0), axis=0)
             if HAS_INV:
                 d = x1 - x2
                 sq += tl.sum(d * d, axis=0)
@@ -87,8 +91,8 @@ if HAS_TRITON:
             for slot in tl.static_range(1, 5):
                 tl.store(part + slot, 0.0)
         else:
-            mean1 = sum1 / b
-            mean2 = sum2 / b
+            mean1 = shift1 + sum1 / b
+            mean2 = shift2 + sum2 / b
             ss1 = tl.zeros([BLOCK_R], dtype=tl.float32)
             ss2 = tl.zeros([BLOCK_R], dtype=tl.float32)
             for start in range(0, b, BLOCK_B):
@@ -357,11 +361,10 @@ def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
         _grad_kernel[(triton.cdiv(b, bm), triton.cdiv(r, bn), 2)](
             z1, z2, *strides, dz1, dz2, mean, var, gram, b, r, eps,
             2.0 * sim / (b * r), std / (2.0 * r * (b - 1)), 4.0 * cov / (r * (b - 1)),
-            HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, TRANSPOSED=transposed, PREC=prec,
-            BM=bm, BN=bn, BK=t["grad_k"], num_warps=t["warps"],
+            HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, TRANSPOSED=transposed, PREC=prec, BM=bm, BN=bn, BK=t["grad_k"], num_warps=t["warps"],
         )
     else:
-        dz1 = dz2 = z1.new_empty(0)
+        dz1, dz2 = z1.new_empty(0), z2.new_empty(0)  # outputs of a custom op may not alias
 
     out = torch.empty(4, device=dev, dtype=torch.float32)
     _finalize_kernel[(1,)](
@@ -394,7 +397,8 @@ def _forward_torch(z1, z2, sim, std, cov, eps, need_grad):
     if std != 0.0 or cov != 0.0:
         var_terms, cov_terms = [], []
         for i in range(2):
-            xc = x[i] - x[i].mean(dim=0)
+            xc = x[i] - x[i][0]  # centre around the first row first: a constant column gives exact zeros
+            xc = xc - xc.mean(dim=0)
             v = xc.square().sum(dim=0) / (b - 1)
             if std != 0.0:
                 s = torch.sqrt(v + eps)
@@ -460,7 +464,10 @@ def _backward(ctx, grad_out, _g1, _g2):
         raise RuntimeError("vicreg_loss: the loss was computed without gradients (no input required grad)")
     dz1, dz2 = ctx.saved_tensors
     g = grad_out[0]  # only the loss entry is differentiable; the terms are for logging
-    return dz1 * g, dz2 * g, None, None, None, None, None, None
+    # Scale the saved gradients in place and hand them over: no second full-size buffer, and no
+    # host sync (a CUDA graph can capture it). A second backward through the same forward is
+    # refused by autograd's version check on the saved tensors.
+    return dz1.mul_(g), dz2.mul_(g), None, None, None, None, None, None
 
 
 _vicreg_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,83 @@
+"""gather_distributed=True on two CPU processes (gloo) equals one process on the whole batch."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mlvicx_fast import MLVICXLoss, VICRegLoss
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_loss(kind, backend):
+    if kind == "vicreg":
+        return VICRegLoss(gather_distributed=True, backend=backend)
+    return MLVICXLoss(lambda_=0.7, gather_distributed=True, backend=backend)
+
+
+def _forward(loss_fn, kind, head, x1, x2):
+    z1, z2 = head(x1), head(x2)
+    if kind == "vicreg":
+        return loss_fn(z1, z2), (z1, z2)
+    m1, m2 = torch.tanh(z1), torch.tanh(z2)  # a second "head" for the multi-level pair
+    return loss_fn(z1, z2, m1, m2), (z1, z2)
+
+
+def _worker(rank, port, kind, backend, state, x1, x2, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        head = torch.nn.Linear(x1.shape[1], 24)
+        head.load_state_dict(state)
+        n = x1.shape[0] // WORLD
+        sl = slice(rank * n, (rank + 1) * n)
+        loss, (z1, z2) = _forward(_make_loss(kind, backend), kind, head, x1[sl], x2[sl])
+        z1.retain_grad()
+        loss.backward()
+        # what DistributedDataParallel does with parameter gradients: average over ranks
+        grads = [p.grad.clone() for p in head.parameters()]
+        for g in grads:
+            dist.all_reduce(g)
+            g /= WORLD
+        torch.save({"loss": loss.detach(), "grads": grads, "z1_grad": z1.grad}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["vicreg", "mlvicx"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_gather_distributed_matches_single_process(tmp_path, kind, backend):
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("gloo on CPU tensors; the compiled kernels need CUDA tensors")
+    b, d = 12, 10
+    x1, x2 = torch.randn(b, d), torch.randn(b, d)
+    head = torch.nn.Linear(d, 24)
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+
+    mp.spawn(_worker, args=(_free_port(), kind, backend, state, x1, x2, str(tmp_path)), nprocs=WORLD, join=True)
+
+    loss_fn = _make_loss(kind, backend)  # no process group here: the gather is the identity
+    x1s = x1.clone()
+    loss, (z1, _) = _forward(loss_fn, kind, head, x1s, x2)
+    z1.retain_grad()
+    loss.backward()
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.allclose(got["loss"], loss.detach(), rtol=1e-5), (got["loss"], loss)
+        scale = max(p.grad.abs().max().item() for p in head.parameters())  # the bias gradient is ~0
+        for g_dist, p in zip(got["grads"], head.parameters()):
+            assert torch.allclose(g_dist, p.grad, rtol=1e-4, atol=1e-5 * scale)
+        # each rank's embedding gradient is world_size * dL/d(its slice), as the official gather gives
+        n = b // WORLD
+        expect = WORLD * z1.grad[rank * n:(rank + 1) * n]
+        assert torch.allclose(got["z1_grad"], expect, rtol=1e-4, atol=1e-6 * expect.abs().max().item())

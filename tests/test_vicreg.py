@@ -1,0 +1,287 @@
+"""The fused VICReg loss against a float64 evaluation of the official formula.
+
+Tolerance (issue 2): the Gram form cancels the diagonal energy D = cov_coeff * sum_j C_jj^2 / r
+(both views), so values are compared on the scale |ref| + D and gradients on the scale
+max|grad_ref| + max|4 cov_coeff / (r (b-1)) * Zc * v| (the diagonal part of the covariance
+gradient that the Gram form subtracts). fp32: 1e-5 of that scale. bf16/fp16: compared with the
+float64 value of the same rounded inputs, 1e-4 of the scale, plus one unit in the last place of
+the input dtype per gradient element (the gradients are returned in the input dtype; Triton's CPU
+interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest, so a whole ulp).
+"""
+import math
+
+import pytest
+import torch
+
+from mlvicx_fast.ops.vicreg import (
+    resolve_backend,
+    vicreg_loss,
+    vicreg_loss_reference,
+)
+from tests.helpers import TRITON_DEVICE, noncontiguous
+
+SHAPES = [(2, 1), (2, 5), (3, 4097), (64, 2048), (300, 64), (1000, 17), (33, 33), (17, 16)]
+DTYPE_TOL = {torch.float32: (1e-5, 0.0), torch.bfloat16: (1e-4, 2.0**-7), torch.float16: (1e-4, 2.0**-10)}
+COEFFS = dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4)
+
+
+def backend_device(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def reference(z1, z2, **coeffs):
+    """Loss, terms and gradients of the official formula in float64 on the given values."""
+    a = z1.detach().double().cpu().requires_grad_()
+    b = z2.detach().double().cpu().requires_grad_()
+    loss, terms = vicreg_loss_reference(a, b, **coeffs, return_terms=True)
+    loss.backward()
+    return loss.detach(), terms, a.grad, b.grad
+
+
+def scales(z1, z2, cov_coeff=1.0, **_):
+    """The value scale |ref| + D and the gradient scale of each view (see the module docstring)."""
+    b, r = z1.shape
+    d_energy, grad_diag = 0.0, []
+    for z in (z1, z2):
+        zc = z.detach().double().cpu()
+        zc = zc - zc.mean(0)
+        v = zc.square().sum(0) / (b - 1)
+        d_energy += cov_coeff * v.square().sum().item() / r
+        grad_diag.append((4 * cov_coeff / (r * (b - 1)) * zc * v).abs().max().item())
+    return d_energy, grad_diag
+
+
+def run(z1, z2, backend, **coeffs):
+    a = z1.detach().clone().requires_grad_()
+    b = z2.detach().clone().requires_grad_()
+    loss, terms = vicreg_loss(a, b, backend=backend, return_terms=True, **coeffs)
+    loss.backward()
+    return loss.detach(), terms, a.grad, b.grad
+
+
+def assert_matches(z1, z2, backend, dtype=torch.float32, **coeffs):
+    coeffs = {**COEFFS, **coeffs}
+    tol, rounding = DTYPE_TOL[dtype]
+    loss, terms, g1, g2 = run(z1, z2, backend, **coeffs)
+    ref, ref_terms, r1, r2 = reference(z1, z2, **coeffs)
+    d_energy, grad_diag = scales(z1, z2, **coeffs)
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    err = abs(loss.double().item() - ref.item())
+    assert err <= tol * (abs(ref.item()) + d_energy), f"loss {loss.item()} vs ref {ref.item()} (D={d_energy})"
+    for key, coeff in (("inv", "sim_coeff"), ("var", "std_coeff"), ("cov", "cov_coeff")):
+        if coeffs[coeff] == 0:
+            assert key not in terms
+        else:
+            scale = abs(ref_terms[key].item()) + (d_energy / coeffs["cov_coeff"] if key == "cov" else 0.0)
+            assert abs(terms[key].double().item() - ref_terms[key].item()) <= tol * scale + 1e-12, key
+
+    for g, rg, gd, z in ((g1, r1, grad_diag[0], z1), (g2, r2, grad_diag[1], z2)):
+        assert g.dtype == z.dtype and g.shape == z.shape
+        scale = rg.abs().max().item() + gd
+        diff = (g.double().cpu() - rg).abs()
+        bound = tol * scale + rounding * rg.abs()
+        worst = (diff - bound).max().item()
+        assert worst <= 1e-30, f"gradient off by {diff.max().item():.3e} (scale {scale:.3e})"
+
+
+def rand_pair(b, r, device, dtype=torch.float32, scale=1.0, shift=0.0):
+    """Two random views with a per-feature spread and offset (never zeros)."""
+    spread = torch.rand(r, device=device) * 1.5 + 0.25
+    z1 = torch.randn(b, r, device=device) * spread * scale + shift
+    z2 = z1 + 0.5 * torch.randn(b, r, device=device) * spread * scale
+    return z1.to(dtype), z2.to(dtype)
+
+
+# ------------------------------------------------------------------------------ values, grads
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matches_official_fp32(backend, shape):
+    z1, z2 = rand_pair(*shape, backend_device(backend))
+    assert_matches(z1, z2, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5), (64, 2048), (300, 64), (1000, 17)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matches_official_half(backend, dtype, shape):
+    z1, z2 = rand_pair(*shape, backend_device(backend), dtype)
+    assert_matches(z1, z2, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("shape", [(5, 40), (64, 2048), (300, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_noncontiguous_inputs(backend, shape):
+    dev = backend_device(backend)
+    z1, z2 = rand_pair(*shape, dev)
+    # both views strided alike (the kernels read them in place) ...
+    assert_matches(noncontiguous(z1), noncontiguous(z2), backend)
+    # ... strided differently, and a transposed view
+    zt = z2.T.contiguous().T
+    assert not zt.is_contiguous()
+    assert_matches(noncontiguous(z1), zt, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("shape", [(600, 24), (40, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_nearly_decorrelated(backend, shape):
+    """Whitened embeddings: the off-diagonal energy is a tiny remainder of the diagonal one."""
+    b, r = shape
+    dev = backend_device(backend)
+    pair = []
+    for _ in range(2):
+        x = torch.randn(b, r, dtype=torch.float64)
+        x = x - x.mean(0)
+        if b > r:  # exactly white: C = I, then a perturbation sized for ~1e-6 of D off the diagonal
+            q, _ = torch.linalg.qr(x)
+            white = q * math.sqrt(b - 1)
+            x = white + 1e-3 * torch.randn(b, r, dtype=torch.float64) / math.sqrt(r)
+        else:  # b <= r: C has rank b-1; make it as close to a scaled projection as rank allows
+            q, _ = torch.linalg.qr(x.T)
+            x = (q * math.sqrt(b - 1)).T[:, :r]
+        pair.append(x.float().to(dev))
+    z1, z2 = pair
+    ref, terms, _, _ = reference(z1, z2)
+    d_energy, _ = scales(z1, z2)
+    if b > r:
+        assert terms["cov"].item() < 1e-4 * d_energy  # the case really is nearly decorrelated
+    assert_matches(z1, z2, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("shape", [(8, 32), (64, 16)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_collapsed(backend, shape):
+    """All rows equal: variance and covariance of each view are zero."""
+    b, r = shape
+    dev = backend_device(backend)
+    z1 = torch.randn(1, r, device=dev).expand(b, r).contiguous()
+    z2 = torch.randn(1, r, device=dev).expand(b, r).contiguous()
+    loss, terms, _, _ = run(z1, z2, backend)
+    assert terms["cov"].item() <= 1e-10
+    assert terms["var"].item() == pytest.approx(1 - math.sqrt(1e-4), rel=1e-5)
+    assert_matches(z1, z2, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize(
+    "coeffs",
+    [dict(sim_coeff=0.0), dict(std_coeff=0.0), dict(cov_coeff=0.0), dict(sim_coeff=0.0, cov_coeff=0.0),
+     dict(std_coeff=0.0, cov_coeff=0.0), dict(sim_coeff=1.5, std_coeff=7.0, cov_coeff=0.04, eps=1e-2)],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_coefficients(backend, coeffs):
+    z1, z2 = rand_pair(48, 96, backend_device(backend))
+    assert_matches(z1, z2, backend, **coeffs)
+    z1, z2 = rand_pair(96, 24, backend_device(backend))
+    assert_matches(z1, z2, backend, **coeffs)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_terms_sum_to_loss_and_backward_scales(backend):
+    z1, z2 = rand_pair(32, 80, backend_device(backend))
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    loss, t = vicreg_loss(a, b, backend=backend, return_terms=True)
+    assert set(t) == {"inv", "var", "cov"}
+    assert not any(v.requires_grad for v in t.values())
+    assert loss.item() == pytest.approx((25 * t["inv"] + 25 * t["var"] + t["cov"]).item(), rel=1e-6)
+    (3.5 * loss).backward()
+    _, _, r1, r2 = reference(z1, z2)
+    assert torch.allclose(a.grad.double().cpu(), 3.5 * r1, rtol=1e-4, atol=1e-6 * r1.abs().max().item())
+    assert torch.allclose(b.grad.double().cpu(), 3.5 * r2, rtol=1e-4, atol=1e-6 * r2.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_without_gradients(backend):
+    z1, z2 = rand_pair(16, 40, backend_device(backend))
+    ref, _, _, _ = reference(z1, z2)
+    with torch.no_grad():
+        loss = vicreg_loss(z1.requires_grad_(), z2, backend=backend)
+    assert not loss.requires_grad
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    loss = vicreg_loss(z1.detach(), z2, backend=backend)  # no input needs a gradient
+    assert not loss.requires_grad and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nan_or_inf_input_gives_nan(backend, bad):
+    z1, z2 = rand_pair(8, 24, backend_device(backend))
+    z1[3, 5] = bad
+    loss = vicreg_loss(z1, z2, backend=backend)
+    assert math.isnan(loss.item())
+
+
+def test_float64_on_torch_backend_is_exact():
+    z1, z2 = rand_pair(40, 70, "cpu", torch.float64)
+    loss, _, g1, _ = run(z1, z2, "torch")
+    ref, _, r1, _ = reference(z1, z2)
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - ref.item()) <= 1e-12 * abs(ref.item()) * 100
+    assert torch.allclose(g1, r1, rtol=1e-9, atol=1e-14)
+
+
+def test_compiles_without_graph_break():
+    z1, z2 = rand_pair(16, 48, "cpu")
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, y):
+        return vicreg_loss(x * 2.0, y, backend="torch")
+
+    loss = step(a, b)
+    loss.backward()
+    ref, _, r1, r2 = reference(2.0 * z1, z2)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(a.grad.double(), 2.0 * r1, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_backend_choice():
+    z = torch.randn(4, 8)
+    assert resolve_backend("auto", z, z) == "torch"  # CPU tensors never go to the interpreter on their own
+    if torch.cuda.is_available():
+        zc = z.cuda()
+        assert resolve_backend("auto", zc, zc) == "triton"
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "z1, z2, exc, match",
+    [
+        (torch.randn(1, 8), torch.randn(1, 8), ValueError, r"at least 2 samples.*\(1, 8\)"),
+        (torch.randn(8), torch.randn(8), ValueError, r"z1 must be 2-D.*\(8,\)"),
+        (torch.randn(4, 8, 2), torch.randn(4, 8, 2), ValueError, r"z1 must be 2-D.*\(4, 8, 2\)"),
+        (torch.randn(4, 8), torch.randn(4, 9), ValueError, r"same shape.*\(4, 8\) and \(4, 9\)"),
+        (torch.randn(4, 8), torch.randn(4, 8).half(), TypeError, r"same dtype.*float32 and torch.float16"),
+        (torch.randint(0, 5, (4, 8)), torch.randint(0, 5, (4, 8)), TypeError, r"z1 has dtype torch.int64.*expected"),
+        (torch.randn(4, 8), torch.randint(0, 5, (4, 8)), TypeError, r"z2 has dtype torch.int64"),
+        (torch.randn(4, 0), torch.randn(4, 0), ValueError, r"at least 1 feature.*\(4, 0\)"),
+        ([[1.0, 2.0]], torch.randn(1, 2), TypeError, r"z1 must be a torch.Tensor, got list"),
+    ],
+)
+def test_bad_input(z1, z2, exc, match):
+    for backend in ("torch", "reference"):
+        with pytest.raises(exc, match=match):
+            vicreg_loss(z1, z2, backend=backend)
+
+
+def test_bad_backend():
+    z = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*expected one of"):
+        vicreg_loss(z, z, backend="cuda")
+
+
+def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    z = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors \(got cpu\)"):
+        vicreg_loss(z, z, backend="triton")
+
+
+def test_second_backward_is_refused():
+    """The saved gradients are handed over in place, so retain_graph + a second backward must fail."""
+    z1, z2 = rand_pair(8, 16, "cpu")
+    z1.requires_grad_()
+    loss = vicreg_loss(z1, z2, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
