@@ -25,7 +25,7 @@ done
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 say() { echo "[setup] $*"; }
-pip_install() { "$PY" -m pip install --disable-pip-version-check --no-input -q "$@"; }
+pip_install() { "$PY" -m pip install --disable-pip-version-check --root-user-action=ignore --no-input -q "$@"; }
 
 "$PY" -c 'import sys; assert sys.version_info >= (3, 10), sys.version' \
   || { echo "setup.sh: mlvicx_fast needs Python >= 3.10 ($PY is $("$PY" --version 2>&1))" >&2; exit 1; }

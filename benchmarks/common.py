@@ -1,0 +1,103 @@
+"""Timing, memory and output helpers shared by the benchmark scripts.
+
+Times are medians: on CUDA from `triton.testing.do_bench` (CUDA events, quantiles 0.5/0.2/0.8);
+on the CPU from a perf_counter loop after warm-up. Results go to benchmarks/out/<name>.{csv,json,md}.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def bench(fn: Callable[[], None], device: str, warmup: int = 3, reps: int = 10,
+          max_seconds: float = 5.0) -> Dict[str, float]:
+    """Median / p20 / p80 time of fn() in milliseconds."""
+    if device == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": med, "ms_p20": p20, "ms_p80": p80}
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 2 or time.perf_counter() - start < max_seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return {"ms": statistics.median(times), "ms_p20": q(0.2), "ms_p80": q(0.8)}
+
+
+def peak_extra_mib(fn: Callable[[], None], device: str) -> Optional[float]:
+    """Peak CUDA memory allocated during fn() above what was allocated before (MiB); None on CPU."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def write_results(name: str, rows: List[dict], columns: List[str], meta: dict, out_dir: Path = OUT_DIR) -> str:
+    """Write rows as CSV, JSON (with meta) and a markdown table; return the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with open(out_dir / f"{name}.json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+    md = markdown_table(rows, columns)
+    header = (f"<!-- {name}: {meta.get('device')}, {meta.get('date')}, commit {meta.get('commit')}, "
+              f"torch {meta.get('torch')} -->\n")
+    (out_dir / f"{name}.md").write_text(header + md)
+    return md
+
+
+def markdown_table(rows: List[dict], columns: List[str]) -> str:
+    def fmt(v):
+        if v is None or v == "":
+            return "—"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def meta(device: str, **extra) -> dict:
+    return {"device": device_name(device), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit(), "torch": torch.__version__, "host": platform.node(),
+            "threads": torch.get_num_threads(), "env_TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""), **extra}
