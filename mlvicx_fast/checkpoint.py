@@ -1,0 +1,99 @@
+"""Checkpoints that survive being killed mid-write, and the RNG state that makes resuming exact.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over
+its final name (`os.replace` is atomic on POSIX), so a reader sees either the old file or the
+whole new one. :class:`CheckpointManager` keeps the last `keep` step checkpoints
+(``ckpt-00001234.pt``) and loads the newest one that reads back.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+PathLike = Union[str, os.PathLike]
+_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """torch.save(obj) to path through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every random number generator a training step draws from."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Step checkpoints in one folder: save atomically, keep the newest `keep`, load the newest good one."""
+
+    def __init__(self, folder: PathLike, keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"CheckpointManager: keep must be >= 1, got {keep}")
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"ckpt-{step:08d}.pt"
+
+    def list(self) -> List[Tuple[int, Path]]:
+        """(step, path) of the step checkpoints present, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name))]
+        return sorted(found)
+
+    def save(self, step: int, state: Dict[str, Any]) -> Path:
+        path = atomic_save(state, self.path(step))
+        for _, old in self.list()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        for stale in self.folder.glob(".ckpt-*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self, map_location="cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """The newest checkpoint that loads, or None when there is none."""
+        for _, path in reversed(self.list()):
+            try:
+                return path, load(path, map_location)
+            except Exception:  # noqa: BLE001 - a damaged file: fall back to the one before
+                continue
+        return None
+
+
+def load(path: PathLike, map_location="cpu") -> Dict[str, Any]:
+    """Load a checkpoint written by this package (it holds RNG states and the config: not weights-only)."""
+    return torch.load(path, map_location=map_location, weights_only=False)

@@ -1,0 +1,81 @@
+"""Atomic checkpoints: keep-last-k, RNG round trip, and a process killed mid-write."""
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from mlvicx_fast.checkpoint import CheckpointManager, atomic_save, load, rng_state, set_rng_state
+
+
+def test_keep_last_k_and_load_latest(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=2)
+    weights = {s: torch.randn(4, 4) for s in (10, 20, 30)}
+    for s, w in weights.items():
+        mgr.save(s, {"step": s, "w": w})
+    assert [s for s, _ in mgr.list()] == [20, 30]
+    path, state = mgr.load_latest()
+    assert path.name == "ckpt-00000030.pt" and torch.equal(state["w"], weights[30])
+
+
+def test_damaged_newest_falls_back(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=3)
+    mgr.save(1, {"step": 1})
+    mgr.path(2).write_bytes(b"not a checkpoint")
+    path, state = mgr.load_latest()
+    assert state["step"] == 1
+
+
+def test_empty_folder(tmp_path):
+    assert CheckpointManager(tmp_path / "none").load_latest() is None
+    with pytest.raises(ValueError, match="keep must be >= 1, got 0"):
+        CheckpointManager(tmp_path, keep=0)
+
+
+def test_rng_round_trip():
+    state = rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_atomic_save_round_trip(tmp_path):
+    obj = {"x": torch.randn(10), "nested": {"k": [1, 2, 3]}}
+    p = atomic_save(obj, tmp_path / "sub" / "a.pt")
+    back = load(p)
+    assert torch.equal(back["x"], obj["x"]) and back["nested"] == obj["nested"]
+    assert list(p.parent.glob("*.tmp")) == []
+
+
+def test_killed_while_writing_leaves_previous_loadable(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=3)
+    first = torch.randn(8)
+    mgr.save(1, {"step": 1, "w": first})
+    script = textwrap.dedent(f"""
+        import time, torch
+        import mlvicx_fast.checkpoint as c
+        def slow_save(obj, f):
+            f.write(b"partial" * 1000)
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(60)
+        c.torch.save = slow_save
+        c.CheckpointManager({str(tmp_path)!r}).save(2, {{"step": 2}})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert list(tmp_path.glob(".ckpt-*.tmp")), "the killed writer should have left its temporary file"
+    path, state = mgr.load_latest()
+    assert state["step"] == 1 and torch.equal(state["w"], first)
+    mgr.save(3, {"step": 3})  # the next save clears the leftover
+    assert not list(tmp_path.glob(".ckpt-*.tmp"))
