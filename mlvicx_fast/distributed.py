@@ -32,12 +32,20 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[rank * n:(rank + 1) * n]
 
 
+_checked_shapes = set()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from every rank (equal shapes required); identity without a process group."""
+    """Concatenate x from every rank (equal shapes required); identity without a process group.
+
+    The shapes of all ranks are compared the first time a shape is seen (a host-side exchange);
+    later calls with that shape launch only the all-gather, so a CUDA graph can capture them."""
     if not is_distributed():
         return x
-    shapes = [None] * dist.get_world_size()
-    dist.all_gather_object(shapes, tuple(x.shape))
-    if len(set(shapes)) != 1:
-        raise ValueError(f"gather_with_grad: every rank must hold the same local batch shape, got {shapes}")
+    if tuple(x.shape) not in _checked_shapes:
+        shapes = [None] * dist.get_world_size()
+        dist.all_gather_object(shapes, tuple(x.shape))
+        if len(set(shapes)) != 1:
+            raise ValueError(f"gather_with_grad: every rank must hold the same local batch shape, got {shapes}")
+        _checked_shapes.add(tuple(x.shape))
     return _GatherWithGrad.apply(x)
