@@ -126,3 +126,17 @@ def test_bad_inputs(backend):
         context_bottleneck(x, block.mlp[0].weight, block.mlp[2].weight, block.spatial.weight, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         ContextBottleneck(8, backend="fast")
+
+
+@pytest.mark.triton
+def test_bf16_input_with_float32_weights_both_backends():
+    """The network's case (bf16 activations, fp32 parameters): the reference casts the weights
+    as autocast would, the fused op computes the gates in float32; both stay close."""
+    block = ContextBottleneck(16).to(TRITON_DEVICE)
+    x = torch.randn(2, 16, 10, 9, device=TRITON_DEVICE, dtype=torch.bfloat16)
+    block.backend = "torch"
+    ref = block(x)
+    block.backend = "triton"
+    out = block(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 2e-2
