@@ -33,7 +33,7 @@ if not torch.cuda.is_available():  # Triton kernels only run interpreted on the 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing_net import (bench, commit, copy_bandwidth_gbs, device_name, peak_extra_mib,  # noqa: E402
+from common import (bench, meta as common_meta, copy_bandwidth_gbs, device_name, peak_extra_mib,  # noqa: E402
                          saved_for_backward_bytes, write_results)
 
 from mlvicx_fast import ContextBottleneck  # noqa: E402
@@ -113,7 +113,7 @@ def main(argv=None):
                 print(f"{shape:>16} {provider:>9} {mode:>17}: {t['ms']:8.3f} ms  {row['GB/s']:8.1f} GB/s "
                       f"({row['pct_copy_bw']:.0f}% of copy)  saved {row['saved_MiB']:.1f} MiB", flush=True)
             del out
-    meta = dict(device=device_name(device), torch=torch.__version__, commit=commit(), batch=batch,
+    meta = common_meta(device, batch=batch,
                 dtype=args.dtype, layout=args.layout, copy_GBps=round(copy_gbs, 1),
                 interpreted=os.environ.get("TRITON_INTERPRET", "0") == "1",
                 note="GB/s counts the ideal traffic (fwd 4, bwd 5 passes over x); speedups are per mode")

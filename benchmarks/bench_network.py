@@ -33,7 +33,7 @@ if not torch.cuda.is_available():  # Triton kernels only run interpreted on the 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _timing_net import bench, commit, device_name, peak_extra_mib, write_results  # noqa: E402
+from common import bench, meta as common_meta, peak_extra_mib, write_results  # noqa: E402
 
 from mlvicx_fast import MLVICX  # noqa: E402
 
@@ -128,7 +128,7 @@ def main(argv=None):
                 row["speedup_vs_reference"] = times["reference"] / row["ms"]
             if "resnet18-g" in times:
                 row["ratio_to_resnet18-g"] = row["ms"] / times["resnet18-g"]
-    meta = dict(device=device_name(device), torch=torch.__version__, commit=commit(), preset=args.preset,
+    meta = common_meta(device, preset=args.preset,
                 autocast_bf16=not args.fp32, channels_last=not args.nchw, compiled=args.compile,
                 interpreted=os.environ.get("TRITON_INTERPRET", "0") == "1",
                 step="one view: forward, then backward of sum(z*gz) + sum(m*gm); no loss, no optimizer")

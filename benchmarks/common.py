@@ -35,13 +35,19 @@ def commit() -> str:
         return "unknown"
 
 
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def bench(fn: Callable[[], None], device: str, warmup: int = 3, reps: int = 10,
-          max_seconds: float = 5.0) -> Dict[str, float]:
-    """Median / p20 / p80 time of fn() in milliseconds."""
+          max_seconds: float = 5.0, warmup_ms: int = 25, rep_ms: int = 100) -> Dict[str, float]:
+    """Median / p20 / p80 time of fn() in milliseconds. On CUDA, warmup_ms and rep_ms are
+    do_bench's warm-up and measuring windows (raise them for calls of tens of ms)."""
     if device == "cuda":
         import triton.testing
 
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return {"ms": med, "ms_p20": p20, "ms_p80": p80}
     for _ in range(warmup):
         fn()
@@ -66,6 +72,32 @@ def peak_extra_mib(fn: Callable[[], None], device: str) -> Optional[float]:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_bandwidth_gbs(device: str, mib: int = 512) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second, in GB/s."""
+    n = mib * 2**20 // 4
+    src = torch.empty(n, device=device, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device)["ms"]
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def saved_for_backward_bytes(fn: Callable[[], object], exclude=()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn() runs, leaving out
+    the storages of the tensors in exclude (parameters: saved by reference, no extra memory)."""
+    storages: Dict[int, int] = {}
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in skip:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
 
 
 def write_results(name: str, rows: List[dict], columns: List[str], meta: dict, out_dir: Path = OUT_DIR) -> str:

@@ -44,7 +44,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, fp32_dot_precision, interpreting, require_triton, tl, triton, triton_can_run
+from ._triton import HAS_TRITON, fp32_dot_precision, interpreting, require_triton, tl, triton
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
