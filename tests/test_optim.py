@@ -35,11 +35,12 @@ def test_lars_matches_reference(lr_as_tensor):
 
 
 def test_lars_excludes_bias_from_decay_and_trust_ratio():
-    w = torch.nn.Parameter(torch.randn(5, 5))
-    b = torch.nn.Parameter(torch.randn(5))
+    # float64: the step is ~1e-3 of the weights, so float32 rounding of w0 - w would be ~1e-4 of it
+    w = torch.nn.Parameter(torch.randn(5, 5, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
     opt = LARS([w, b], lr=1.0, weight_decay=0.5, momentum=0.0, eta=0.001)
-    gb = torch.randn(5)
-    w.grad, b.grad = torch.randn(5, 5), gb.clone()
+    gb = torch.randn(5, dtype=torch.float64)
+    w.grad, b.grad = torch.randn(5, 5, dtype=torch.float64), gb.clone()
     b0, w0 = b.detach().clone(), w.detach().clone()
     opt.step()
     assert torch.allclose(b, b0 - gb)  # plain SGD for ndim == 1
