@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: fp32 bf16 on CUDA, fp32 on CPU")
     p.add_argument("--providers", nargs="+", choices=["official", "official-compile", "ours"],
                    help="default: all three (on CPU with --quick: official and ours)")
+    p.add_argument("--compile-shapes", nargs="+", type=parse_shape,
+                   help="run official-compile only at these shapes (default: every shape; compiling takes time)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 64x2048 and 256x8192, fp32, no compile")
     p.add_argument("--name", default="bench_loss", help="output file stem under benchmarks/out/")
     args = p.parse_args(argv)
@@ -82,12 +84,17 @@ def main(argv=None) -> int:
             z2 = torch.randn(b, r, device=device, dtype=dtype, requires_grad=True)
             base = None
             for prov in providers:
+                if prov == "official-compile" and args.compile_shapes and (b, r) not in args.compile_shapes:
+                    continue
                 fn = fns[prov]
 
                 def step(fn=fn):
                     z1.grad = z2.grad = None
                     fn(z1, z2).backward()
 
+                if prov == "official-compile":  # compile, then let any lazily compiled backward settle
+                    for _ in range(10):
+                        step()
                 t = bench(step, device)
                 mem = peak_extra_mib(step, device)
                 base = t["ms"] if prov == "official" else base

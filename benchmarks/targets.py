@@ -39,7 +39,47 @@ def loss_targets(data):
     return out
 
 
-CHECKS = {"bench_loss": loss_targets}
+def context_targets(data):
+    """Fused context bottleneck (issue 3): bf16 channels_last, batch 64."""
+    out = []
+    for r in _rows(data, provider="fused", mode="forward+backward"):
+        comp = _ms(data, shape=r["shape"], provider="compiled", mode="forward+backward")
+        ratio = comp / r["ms"] if comp else None
+        want = 5 if r["shape"].endswith("64x112x112") else 1
+        out.append((f"context fwd+bwd {r['shape']}: fused vs compiled", ratio, f">= {want}x" if want > 1 else "> 1x",
+                    None if ratio is None else (ratio >= want if want > 1 else ratio > 1)))
+        if r["shape"].endswith("64x112x112"):
+            over = r["ms"] / r["floor_ms"]
+            out.append((f"context fwd+bwd {r['shape']}: time / bandwidth floor", over, "<= 2x", over <= 2))
+    return out
+
+
+def network_targets(data):
+    """Aggregation memory (issue 3): exact form at least 2 GiB below the official one at batch 64."""
+    ref = _rows(data, provider="reference", batch=64)
+    exact = _rows(data, provider="reference-exact", batch=64)
+    if not ref or not exact or ref[0].get("peak_extra_MiB") is None:
+        return [("aggregation peak memory saved at batch 64 (GiB)", None, ">= 2", None)]
+    saved = (ref[0]["peak_extra_MiB"] - exact[0]["peak_extra_MiB"]) / 1024
+    return [("aggregation peak memory saved at batch 64 (GiB)", saved, ">= 2", saved >= 2)]
+
+
+def step_targets(data):
+    """Whole step (issue 5): ours <= 1.2x the bare ResNet18 step, >= 9x the official pairs/s."""
+    out = []
+    for batch in sorted({r["batch"] for r in data["rows"]}):
+        ours, bare, official = (_ms(data, provider=p, batch=batch) for p in ("ours", "bare", "official"))
+        ratio = ours / bare if ours and bare else None
+        out.append((f"step batch {batch}: ours / bare ResNet18 time", ratio, "<= 1.2x",
+                    None if ratio is None else ratio <= 1.2))
+        speed = official / ours if ours and official else None
+        out.append((f"step batch {batch}: ours vs official pairs/s", speed, ">= 9x",
+                    None if speed is None else speed >= 9))
+    return out
+
+
+CHECKS = {"bench_loss": loss_targets, "bench_context": context_targets, "bench_network": network_targets,
+          "bench_step": step_targets}
 
 
 def main(argv=None) -> int:
