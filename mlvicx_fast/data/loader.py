@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -198,10 +199,13 @@ class PreparedLoader:
         it = iter(self._it)
         try:
             yield from self._batches(it, gen)
-        finally:  # an epoch left early: stop FFCV's prefetch thread now rather than at garbage collection
+        finally:  # stop FFCV's prefetch thread (an epoch left early) and wait for it, so that no
+            # loader thread is still running (numba may be compiling there) when the next one starts
             close = getattr(it, "close", None)
             if close is not None:
                 close()
+            if isinstance(it, threading.Thread) and it.is_alive() and it is not threading.current_thread():
+                it.join(timeout=30)
 
     def _batches(self, it, gen):
         for batch in it:
