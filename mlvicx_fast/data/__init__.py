@@ -1,0 +1,7 @@
+"""Chest X-ray data: reading the four datasets, the phantom set, .beton preparation and loaders.
+
+    python -m mlvicx_fast.data.prepare {nih,vinbig,rsna,siim,phantom} --root DIR --out DIR
+"""
+from .datasets import NIH_LABELS, RSNA_LABELS, SIIM_LABELS, VINBIG_LABELS
+
+__all__ = ["NIH_LABELS", "VINBIG_LABELS", "RSNA_LABELS", "SIIM_LABELS"]

@@ -1,0 +1,219 @@
+"""Reading chest X-rays as grayscale uint8, fitting them to a square, and SIIM run-length masks.
+
+Pixel pipeline (the same for every dataset):
+
+1. Read. PNG through Pillow: 8-bit grayscale as is; 16-bit (``I;16``, ``I``) mapped linearly from
+   [min, max] of the image to [0, 255] (16-bit X-rays often hold 10-14 significant bits, so a
+   fixed /257 would leave them dark); RGB/RGBA/LA (a few NIH files) converted to luminance.
+   DICOM through pydicom: modality LUT (RescaleSlope/Intercept), then the VOI LUT or the
+   WindowCenter/Width when present, MONOCHROME1 inverted so that bone is bright, then [min, max]
+   to [0, 255]. Compressed transfer syntaxes need a decoder plugin (pylibjpeg +
+   pylibjpeg-libjpeg for JPEG, pylibjpeg-openjpeg for JPEG 2000); a missing one raises
+   `MissingDecoderError` naming the package, which stops `prepare` (every file would fail).
+2. Fit to a square, aspect kept: the image is *padded* (centred, value 0 = black) to a square of
+   its longer side, then resized to ``size x size`` with Pillow's antialiased bilinear filter.
+   Padding rather than cropping: the lung apices and costophrenic angles sit near the image
+   borders of portrait/landscape films, and a centre crop would cut findings (effusion, apical
+   pneumothorax) out of the image while keeping their label. Masks go through the same geometry
+   (box filter, then threshold at 1/2) so they stay aligned with their image.
+
+SIIM-ACR masks (``train-rle.csv``): ``EncodedPixels`` holds pairs ``start length``; the first
+start is an offset from pixel 0, each later start an offset from the end of the previous run;
+pixels are numbered column-major (down the first column first) over the image's width x height.
+``-1`` means an empty mask; several rows of one ImageId are unioned.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "ImageError", "MissingDecoderError", "read_image", "read_png", "read_dicom", "fit_square",
+    "fit_square_mask", "rle_decode", "rle_encode", "to_uint8",
+]
+
+
+class ImageError(Exception):
+    """A file that cannot be read as an image (missing, truncated, not an image): skipped by prepare."""
+
+
+class MissingDecoderError(RuntimeError):
+    """A DICOM needs a decoder plugin that is not installed: stops prepare with the package name."""
+
+
+def to_uint8(a: np.ndarray) -> np.ndarray:
+    """Map [min, max] of `a` linearly to [0, 255] (a constant image gives zeros)."""
+    a = np.asarray(a, dtype=np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise ImageError("pixel values are not finite")
+    if hi <= lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    return np.clip((a - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+
+
+def read_png(path) -> np.ndarray:
+    """An 8- or 16-bit PNG (or any Pillow-readable image) as a 2-D uint8 array."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "L":
+                return np.asarray(im, dtype=np.uint8).copy()
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                return to_uint8(np.asarray(im))
+            if mode == "P":
+                im = im.convert("RGB")
+            return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"unreadable image ({type(e).__name__}: {e})") from None
+
+
+_DECODER_HINT = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS
+    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",  # RLE lossless (pydicom also decodes it)
+}
+
+
+def read_dicom(path) -> np.ndarray:
+    """A DICOM file as a 2-D uint8 array (modality LUT, VOI LUT/window, MONOCHROME1 inverted)."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pragma: no cover - pydicom is a dependency of the data extra
+        raise MissingDecoderError(
+            f"{path}: reading DICOM needs pydicom (pip install pydicom, or mlvicx-fast[data])"
+        ) from None
+    try:
+        ds = pydicom.dcmread(str(path))
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except Exception as e:  # pydicom raises InvalidDicomError, EOFError, OSError, ...
+        raise ImageError(f"unreadable DICOM ({type(e).__name__}: {e})") from None
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        arr = ds.pixel_array
+    except Exception as e:
+        msg = str(e)
+        if ts is not None and ts.is_compressed and (
+            "missing" in msg.lower() or "plugin" in msg.lower() or "no pixel data decoders" in msg.lower()
+        ):
+            pkg = _DECODER_HINT.get(str(ts), "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+            raise MissingDecoderError(
+                f"{path}: pixel data is compressed as {ts.name} ({ts}) and no installed decoder "
+                f"handles it; install it with: pip install {pkg}"
+            ) from None
+        raise ImageError(f"unreadable DICOM pixel data ({type(e).__name__}: {msg.splitlines()[0] if msg else ''})") from None
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and getattr(ds, "SamplesPerPixel", 1) > 1:
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    elif arr.ndim == 3:  # multi-frame: the first frame
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ImageError(f"DICOM pixel array has shape {arr.shape}; expected a 2-D image")
+    try:
+        arr = apply_modality_lut(arr, ds)
+        if "VOILUTSequence" in ds or "WindowCenter" in ds:
+            arr = apply_voi_lut(arr, ds, index=0)
+    except Exception as e:
+        raise ImageError(f"bad DICOM LUT/window ({type(e).__name__}: {e})") from None
+    out = to_uint8(arr)
+    if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def read_image(path) -> np.ndarray:
+    """PNG/JPEG via Pillow or DICOM (.dcm, .dicom, or no suffix) via pydicom, as 2-D uint8."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError("file not found")
+    if path.suffix.lower() in (".dcm", ".dicom", ""):
+        return read_dicom(path)
+    return read_png(path)
+
+
+def _square_geometry(h: int, w: int) -> Tuple[int, int, int]:
+    side = max(h, w)
+    return side, (side - h) // 2, (side - w) // 2
+
+
+def fit_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Pad (centred, zeros) to a square of the longer side, then resize to size x size (uint8)."""
+    h, w = img.shape
+    side, top, left = _square_geometry(h, w)
+    if side != h or side != w:
+        sq = np.zeros((side, side), dtype=np.uint8)
+        sq[top:top + h, left:left + w] = img
+        img = sq
+    if side == size:
+        return np.ascontiguousarray(img)
+    im = Image.fromarray(img, mode="L")
+    return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
+
+
+def fit_square_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """The same geometry as `fit_square` for a 0/1 mask: box-filter, threshold at 1/2 -> 0/1 uint8."""
+    h, w = mask.shape
+    side, top, left = _square_geometry(h, w)
+    sq = np.zeros((side, side), dtype=np.uint8)
+    sq[top:top + h, left:left + w] = (mask > 0) * np.uint8(255)
+    if side == size:
+        return (sq > 127).astype(np.uint8)
+    small = np.asarray(Image.fromarray(sq, mode="L").resize((size, size), Image.Resampling.BOX))
+    return (small >= 128).astype(np.uint8)
+
+
+def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
+    """SIIM relative-offset, column-major RLE -> (height, width) uint8 mask of 0/1 ('-1' = empty)."""
+    rle = (rle or "").strip()
+    mask = np.zeros(height * width, dtype=np.uint8)
+    if rle in ("-1", ""):
+        return mask.reshape(width, height).T.copy()
+    try:
+        nums = np.array(rle.split(), dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"EncodedPixels is not a list of integers: {rle[:40]!r}...") from None
+    if nums.size % 2:
+        raise ValueError(f"EncodedPixels holds an odd count of numbers ({nums.size}); expected start/length pairs")
+    starts_rel, lengths = nums[0::2], nums[1::2]
+    if (starts_rel < 0).any() or (lengths < 0).any():
+        raise ValueError("EncodedPixels holds a negative start or length")
+    ends = np.cumsum(starts_rel + lengths)
+    starts = ends - lengths
+    if ends.size and ends[-1] > height * width:
+        raise ValueError(
+            f"EncodedPixels runs past the image: it ends at pixel {int(ends[-1])}, the image has "
+            f"{height}x{width} = {height * width}"
+        )
+    # runs as +1/-1 edges, integrated: vectorised, no Python loop over runs
+    edges = np.zeros(height * width + 1, dtype=np.int32)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, ends, -1)
+    mask = (np.cumsum(edges[:-1]) > 0).astype(np.uint8)
+    return mask.reshape(width, height).T.copy()
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Inverse of `rle_decode`: a 0/1 (height, width) mask -> SIIM relative RLE ('-1' if empty)."""
+    flat = (np.asarray(mask).T.reshape(-1) > 0).astype(np.int8)
+    if not flat.any():
+        return "-1"
+    d = np.diff(np.concatenate([[0], flat, [0]]))
+    starts = np.flatnonzero(d == 1)
+    ends = np.flatnonzero(d == -1)
+    lengths = ends - starts
+    prev_end = np.concatenate([[0], ends[:-1]])
+    rel = starts - prev_end
+    return " ".join(f"{s} {n}" for s, n in zip(rel.tolist(), lengths.tolist()))

@@ -1,0 +1,297 @@
+"""prepare on the real label rows of the four datasets (tests/data excerpts) with generated pixels:
+every written label and mask is checked against the CSV row(s) of its image id."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pydicom")
+
+from mlvicx_fast.data import datasets as ds  # noqa: E402
+from mlvicx_fast.data.images import fit_square, fit_square_mask, read_image, rle_decode, rle_encode  # noqa: E402
+from mlvicx_fast.data.prepare import prepare  # noqa: E402
+
+from .data_layouts import excerpt_rows, make_nih, make_rsna, make_siim, make_vinbig, write_dicom, write_png  # noqa: E402
+
+HAS_FFCV = True
+try:
+    import ffcv  # noqa: F401
+except ImportError:
+    HAS_FFCV = False
+
+ROOT = Path(__file__).resolve().parents[1]
+NIH_ORDER = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+             "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+
+
+def read_index(out, split):
+    with open(Path(out) / f"{split}_index.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def written(out, splits=("train", "val", "test")):
+    """{image id: (labels row, image, mask)} from the npy outputs, through the index files."""
+    res = {}
+    for split in splits:
+        idx = read_index(out, split)
+        if not idx:
+            continue
+        imgs = np.load(Path(out) / f"{split}_images.npy")
+        labs = np.load(Path(out) / f"{split}_labels.npy")
+        masks = np.load(Path(out) / f"{split}_masks.npy") if (Path(out) / f"{split}_masks.npy").exists() else None
+        assert len(idx) == len(imgs) == len(labs)
+        for j, row in enumerate(idx):
+            assert int(row["row"]) == j
+            res[row["image_id"]] = (labs[j], imgs[j], None if masks is None else masks[j], split)
+    return res
+
+
+def run_cli(*args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "mlvicx_fast.data.prepare", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+# ------------------------------------------------------------------------------------------------ pixels
+def test_fit_square_pads_centred_and_keeps_aspect():
+    img = np.full((20, 40), 200, np.uint8)
+    out = fit_square(img, 40)
+    assert out.shape == (40, 40)
+    assert (out[:10] == 0).all() and (out[30:] == 0).all() and (out[10:30] == 200).all()
+    small = fit_square(img, 8)
+    assert small.shape == (8, 8) and small[0].max() == 0 and small[4].min() > 150
+    m = np.zeros((20, 40), np.uint8)
+    m[:, :20] = 1
+    ms = fit_square_mask(m, 8)
+    assert ms[2:6, :4].all() and not ms[:, 4:].any() and not ms[:2].any()
+
+
+def test_png_8_and_16_bit(tmp_path, fresh_seed):
+    rng = np.random.default_rng(fresh_seed)
+    a8 = rng.integers(0, 256, (17, 23)).astype(np.uint8)
+    write_png(tmp_path / "a.png", a8)
+    assert np.array_equal(read_image(tmp_path / "a.png"), a8)
+    a16 = rng.integers(100, 4000, (17, 23)).astype(np.uint16)
+    write_png(tmp_path / "b.png", a16)
+    got = read_image(tmp_path / "b.png")
+    expect = np.round((a16.astype(np.float64) - a16.min()) * 255 / (a16.max() - a16.min())).astype(np.uint8)
+    assert np.abs(got.astype(int) - expect).max() <= 1
+
+
+def test_dicom_luts_monochrome1_and_compressed(tmp_path, fresh_seed):
+    rng = np.random.default_rng(fresh_seed)
+    a = rng.integers(0, 4096, (30, 20)).astype(np.uint16)
+    write_dicom(tmp_path / "m2.dcm", a)
+    write_dicom(tmp_path / "m1.dcm", a, photometric="MONOCHROME1")
+    write_dicom(tmp_path / "rs.dcm", a, slope=3, intercept=-1024)
+    write_dicom(tmp_path / "rle.dcm", a, syntax="rle")
+    m2 = read_image(tmp_path / "m2.dcm")
+    expect = np.round((a.astype(np.float64) - a.min()) * 255 / (a.max() - a.min())).astype(np.uint8)
+    assert np.abs(m2.astype(int) - expect).max() <= 1
+    assert np.array_equal(read_image(tmp_path / "m1.dcm"), 255 - m2)
+    assert np.abs(read_image(tmp_path / "rs.dcm").astype(int) - m2).max() <= 1
+    assert np.array_equal(read_image(tmp_path / "rle.dcm"), m2)
+    # a window narrower than the data saturates both ends
+    write_dicom(tmp_path / "w.dcm", a, window=(2048, 1000))
+    w = read_image(tmp_path / "w.dcm")
+    assert (w[a < 1400] == 0).all() and (w[a > 2600] == 255).all()
+    # JPEG baseline (a decoder plugin: pylibjpeg-libjpeg or Pillow)
+    a8 = (np.add.outer(np.arange(32), np.arange(32)) * 4).astype(np.uint8)
+    write_dicom(tmp_path / "j.dcm", a8, syntax="jpeg")
+    j = read_image(tmp_path / "j.dcm")
+    assert j.shape == a8.shape and np.abs(j.astype(int) - a8).mean() < 4
+
+
+def test_dicom_without_decoder_names_the_package(tmp_path):
+    from mlvicx_fast.data.images import MissingDecoderError
+
+    write_dicom(tmp_path / "j2k.dcm", np.zeros((8, 8), np.uint16), syntax="j2k-no-decoder")
+    try:
+        import openjpeg  # noqa: F401
+        pytest.skip("pylibjpeg-openjpeg is installed here, so JPEG 2000 has a decoder")
+    except ImportError:
+        pass
+    with pytest.raises(MissingDecoderError, match="pylibjpeg-openjpeg"):
+        read_image(tmp_path / "j2k.dcm")
+
+
+def loop_rle_decode(rle, h, w):
+    """Independent, slow decoder of the SIIM format (the Kaggle description, written as a loop)."""
+    flat = np.zeros(h * w, np.uint8)
+    if rle.strip() == "-1":
+        return flat.reshape(w, h).T
+    nums = [int(t) for t in rle.split()]
+    pos = 0
+    for start, length in zip(nums[0::2], nums[1::2]):
+        pos += start
+        flat[pos:pos + length] = 1
+        pos += length
+    return flat.reshape(w, h).T
+
+
+def test_rle_matches_loop_decoder_on_real_rows_and_roundtrips():
+    _, _, rows = excerpt_rows("siim_train-rle.csv.gz")
+    assert any(r[1].strip() == "-1" for r in rows) and any(r[1].strip() != "-1" for r in rows)
+    for _, rle in rows[:40]:
+        m = rle_decode(rle, 1024, 1024)
+        assert np.array_equal(m, loop_rle_decode(rle, 1024, 1024))
+        assert rle_encode(m) == (rle.strip() if rle.strip() != "-1" else "-1")
+    with pytest.raises(ValueError, match="runs past the image"):
+        rle_decode("10 5", 3, 3)
+
+
+# ------------------------------------------------------------------------------------------------ label files
+@pytest.mark.parametrize("old_csv", [False, True])
+def test_nih_labels_row_by_row(tmp_path, fresh_seed, old_csv):
+    rng = np.random.default_rng(fresh_seed)
+    labels, bad = make_nih(tmp_path / "nih", rng, old_csv=old_csv)
+    s = prepare("nih", tmp_path / "nih", tmp_path / "out", size=32, fmt="npy", workers=1, progress=False, seed=fresh_seed)
+    got = written(tmp_path / "out")
+    assert set(got) == set(labels) - set(bad)
+    test_ids = set((tmp_path / "nih" / "test_list.txt").read_text().split())
+    for iid, (y, img, _, split) in got.items():
+        names = [] if labels[iid] == "No Finding" else labels[iid].split("|")
+        assert [NIH_ORDER[c] for c in np.flatnonzero(y)] == [n for n in NIH_ORDER if n in names], iid
+        assert (split == "test") == (iid in test_ids)
+        src = read_image(next((tmp_path / "nih").glob(f"images_*/images/{iid}")))
+        assert np.array_equal(img, fit_square(src, 32)), iid
+    # the val split is whole patients, disjoint from train
+    pid = lambda i: i.split("_")[0]  # noqa: E731
+    assert not {pid(i) for i, v in got.items() if v[3] == "val"} & {pid(i) for i, v in got.items() if v[3] == "train"}
+    # skipped files are listed with their reason
+    with open(tmp_path / "out" / "skipped.csv") as f:
+        sk = {r["image_id"]: r["reason"] for r in csv.DictReader(f)}
+    assert set(sk) == set(bad)
+    for iid, why in bad.items():
+        assert sk[iid].startswith(why)
+    assert sum(s["skipped"].values()) == 2
+    assert sum(v["n"] for v in s["splits"].values()) == len(labels) - 2
+
+
+def test_vinbig_any_radiologist_and_no_finding(tmp_path, fresh_seed):
+    rng = np.random.default_rng(fresh_seed)
+    rows = make_vinbig(tmp_path / "vin", rng)
+    prepare("vinbig", tmp_path / "vin", tmp_path / "out", size=24, fmt="npy", workers=2, progress=False)
+    got = written(tmp_path / "out")
+    expect = {}
+    for r in rows:  # image_id, class_name, class_id, rad_id, ...
+        y = expect.setdefault(r[0], np.zeros(14, np.uint8))
+        if int(r[2]) != 14:
+            y[int(r[2])] = 1
+    assert set(got) == set(expect)
+    for iid, (y, img, _, _) in got.items():
+        assert np.array_equal(y, expect[iid]), iid
+    assert any(v.sum() == 0 for v in expect.values()) and any(v.sum() > 1 for v in expect.values())
+    # MONOCHROME1 files were inverted: stored image = 255 - (what MONOCHROME2 reading gives)
+    ids = sorted(expect)
+    mono1 = ids[1]
+    raw = read_image(tmp_path / "vin" / "train" / f"{mono1}.dicom")
+    assert np.array_equal(got[mono1][1], fit_square(raw, 24))
+
+
+def test_rsna_target_is_max_over_rows(tmp_path, fresh_seed):
+    rng = np.random.default_rng(fresh_seed)
+    rows = make_rsna(tmp_path / "rsna", rng)
+    prepare("rsna", tmp_path / "rsna", tmp_path / "out", size=16, fmt="npy", workers=1, progress=False,
+            seed=fresh_seed)
+    got = written(tmp_path / "out")
+    expect = {}
+    for r in rows:
+        expect[r[0]] = max(expect.get(r[0], 0), int(r[-1]))
+    assert set(got) == set(expect)
+    for iid, (y, _, _, _) in got.items():
+        assert y.tolist() == [expect[iid]], iid
+    splits = {v[3] for v in got.values()}
+    assert splits == {"train", "val", "test"}
+
+
+def test_siim_masks_union_balanced_and_split(tmp_path, fresh_seed):
+    rng = np.random.default_rng(fresh_seed)
+    rows = make_siim(tmp_path / "siim", rng)
+    s = prepare("siim", tmp_path / "siim", tmp_path / "out", size=64, fmt="npy", workers=2, progress=False,
+                seed=fresh_seed)
+    got = written(tmp_path / "out", splits=("train", "val"))
+    rles = {}
+    for iid, rle in rows:
+        rles.setdefault(iid, []).append(rle)
+    pos = [i for i in got if got[i][0][0] == 1]
+    assert len(pos) == len(got) - len(pos) == sum(any(r.strip() != "-1" for r in v) for v in rles.values())
+    for iid, (y, img, mask, _) in got.items():
+        full = np.zeros((1024, 1024), np.uint8)
+        for rle in rles[iid]:
+            full |= loop_rle_decode(rle, 1024, 1024)
+        assert y[0] == int(full.any())
+        assert np.array_equal(mask, fit_square_mask(full, 64)), iid
+    assert s["splits"]["val"]["n"] == round(0.2 * len(got))
+    # the balanced subset and split are the same for the same seed
+    s2 = prepare("siim", tmp_path / "siim", tmp_path / "out2", size=8, fmt="npy", workers=1, progress=False,
+                 seed=fresh_seed, limit=None)
+    assert [r["image_id"] for r in read_index(tmp_path / "out2", "val")] == \
+        [r["image_id"] for r in read_index(tmp_path / "out", "val")]
+    assert s2["splits"]["train"]["n"] == s["splits"]["train"]["n"]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_broken_csv_names_file_and_columns(tmp_path):
+    (tmp_path / "Data_Entry_2017.csv").write_text("Image Index,Labels\n00000001_000.png,Mass\n")
+    with pytest.raises(ds.LabelFileError, match=r"Data_Entry_2017.csv.*missing required column.*Finding Labels"):
+        ds.scan_nih(tmp_path)
+    (tmp_path / "stage_2_train_labels.csv").write_text("patientId,x,y\nabc,1,2\n")
+    with pytest.raises(ds.LabelFileError, match=r"stage_2_train_labels.csv.*\['Target'\]"):
+        ds.scan_rsna(tmp_path)
+    (tmp_path / "train-rle.csv").write_text("ImageId,EncodedPixels\n1.2.3,12 4 5\n")
+    with pytest.raises(ds.LabelFileError, match=r"train-rle.csv, line 2 \(1.2.3\).*pairs"):
+        ds.scan_siim(tmp_path)
+
+
+def test_unknown_label_names_line_and_value(tmp_path):
+    (tmp_path / "Data_Entry_2017_v2020.csv").write_text(
+        "Image Index,Finding Labels\n00000001_000.png,Mass\n00000002_000.png,Nodule|Pneumonitis\n")
+    with pytest.raises(ds.LabelFileError, match=r"line 3 \(00000002_000.png\): unknown finding 'Pneumonitis'"):
+        ds.scan_nih(tmp_path)
+    (tmp_path / "train.csv").write_text("image_id,class_name,class_id,rad_id\nab,Cardiomegaly,3,R1\ncd,Heart,3,R2\n")
+    with pytest.raises(ds.LabelFileError, match=r"line 3 \(cd\): unknown class_name 'Heart'"):
+        ds.scan_vinbig(tmp_path)
+    (tmp_path / "train.csv").write_text("image_id,class_name,class_id,rad_id\nab,Cardiomegaly,4,R1\n")
+    with pytest.raises(ds.LabelFileError, match=r"class_id '4' does not match class_name 'Cardiomegaly'"):
+        ds.scan_vinbig(tmp_path)
+    (tmp_path / "stage_2_train_labels.csv").write_text("patientId,Target\nabc,2\n")
+    with pytest.raises(ds.LabelFileError, match=r"Target '2'; expected 0 or 1"):
+        ds.scan_rsna(tmp_path)
+
+
+def test_cli_strict_help_and_errors(tmp_path, fresh_seed):
+    rng = np.random.default_rng(fresh_seed)
+    make_nih(tmp_path / "nih", rng)
+    r = run_cli("nih", "--root", tmp_path / "nih", "--out", tmp_path / "o", "--strict", "--format", "npy",
+                "--size", "16", "--quiet")
+    assert r.returncode == 1 and "--strict" in r.stderr and "not found" in r.stderr, r.stderr
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for word in ("what it reads", "what it writes", "example", "--limit", "--strict", "--format"):
+        assert word in r.stdout
+    (tmp_path / "nih" / "Data_Entry_2017_v2020.csv").write_text("Image Index,Findings\n")
+    r = run_cli("nih", "--root", tmp_path / "nih", "--out", tmp_path / "o", "--format", "npy", "--quiet")
+    assert r.returncode == 1 and "Data_Entry_2017_v2020.csv" in r.stderr and "Finding Labels" in r.stderr
+
+
+@pytest.mark.skipif(not HAS_FFCV, reason="ffcv is not installed (scripts/setup.sh --dev installs it)")
+def test_cli_writes_beton_with_limit(tmp_path, fresh_seed):
+    """The whole CLI in a subprocess (FFCV's writer forks), jpg .beton, --limit, summary printed."""
+    rng = np.random.default_rng(fresh_seed)
+    labels, bad = make_nih(tmp_path / "nih", rng, bad=True)
+    r = run_cli("nih", "--root", tmp_path / "nih", "--out", tmp_path / "o", "--format", "jpg", "--size", "32",
+                "--limit", "40", "--workers", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "train" in r.stdout and "skipped" in r.stdout
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["classes"] == NIH_ORDER and meta["format"] == "jpg"
+    for split in ("train", "val", "test"):
+        n = meta["splits"][split]["n"]
+        assert 0 < n <= 40 and len(read_index(tmp_path / "o", split)) == n
+        assert (tmp_path / "o" / f"{split}.beton").stat().st_size > 0
