@@ -19,9 +19,9 @@ Choices made here (the paper leaves them open):
   batch 64, lr 1e-5 (fine-tune); VinBig and RSNA batch 16, lr 1e-3. The paper gives no probe
   learning rate for NIH; a Linear layer on frozen features barely moves at 1e-5, so the frozen
   NIH default is 1e-3. Segmentation: batch 32, lr 3e-4, loss BCE + soft Dice.
-* Label subsets: ``round(fraction * n_train)`` training images drawn without replacement by
-  ``numpy.random.default_rng(seed)``; the same subset for every method at a given seed, so runs
-  pair up for the t-test. The seed also initialises the head (and a random-init encoder) and
+* Label subsets: the first ``round(fraction * n_train)`` rows of a permutation drawn by
+  ``numpy.random.default_rng(seed)`` (nested across fractions, as the data loader's); the same
+  subset for every method at a given seed, so runs pair up for the t-test. The seed also initialises the head (and a random-init encoder) and
   shuffles the batches.
 * RSNA (one binary label): AUC drives early stopping; the run's score is test accuracy at 0.5.
   SIIM-ACR as prepared has train and val only: the Dice reported is that of the best epoch on val
@@ -168,6 +168,11 @@ def load_pretrained_encoder(path: PathLike, with_context: bool = False, in_chans
     Raises FileNotFoundError for a missing path, EvaluationError (a ValueError) for a file that is
     not a checkpoint, a checkpoint of another kind, or weights that do not fit the architecture.
     """
+    return _load_encoder(path, with_context, in_chans, backend)[0]
+
+
+def _load_encoder(path: PathLike, with_context: bool, in_chans: Optional[int], backend: str):
+    """(encoder, checkpoint file, MLVICX model_args or None for a plain ResNet18)."""
     from .models.mlvicx import MLVICX
     from .models.resnet import ResNet18
 
@@ -202,7 +207,8 @@ def load_pretrained_encoder(path: PathLike, with_context: bool = False, in_chans
             stem.load_state_dict(_fit_stem(model.backbone.state_dict(), "conv1.weight", in_chans))
             model.backbone = stem
             encoder = model.encoder(with_context=with_context)
-        return encoder
+        args["in_chans"] = encoder_in_chans(encoder)
+        return encoder, file, args
     if isinstance(obj, Mapping) and "state_dict" in obj and _is_state_dict(obj["state_dict"]):
         obj = obj["state_dict"]
     if not _is_state_dict(obj):
@@ -212,6 +218,9 @@ def load_pretrained_encoder(path: PathLike, with_context: bool = False, in_chans
         raise EvaluationError(f"{name} is a plain ResNet18 state_dict: it has no context blocks (with_context=True "
                               "needs an MLVICX pretraining checkpoint)")
     sd = _strip_prefix(obj)
+    if any(k.startswith("context.") for k in sd) and any(k.startswith("backbone.") for k in sd):
+        raise EvaluationError(f"{name} looks like a bare MLVICX state_dict: save it as a pretraining checkpoint "
+                              "(a dict with kind 'mlvicx-pretrain', 'model' and 'model_args') so the network can be rebuilt")
     stem = sd.get("conv1.weight")
     chans = in_chans or (int(stem.shape[1]) if stem is not None and stem.dim() == 4 and stem.shape[1] in (1, 3) else 3)
     encoder = ResNet18(in_chans=chans)
@@ -220,7 +229,7 @@ def load_pretrained_encoder(path: PathLike, with_context: bool = False, in_chans
     if misfit:
         raise EvaluationError(f"{name} does not fit ResNet18 (torchvision names): {misfit}")
     encoder.load_state_dict(sd)
-    return encoder
+    return encoder, file, None
 
 
 def build_encoder(source: str, with_context: bool = False, in_chans: Optional[int] = None, seed: int = 0,
@@ -233,17 +242,13 @@ def build_encoder(source: str, with_context: bool = False, in_chans: Optional[in
         if with_context:
             from .models.mlvicx import MLVICX
 
-            model = MLVICX(in_chans=chans, backend=backend)
-            return model.encoder(with_context=True), {"source": RANDOM, "model_args": {"in_chans": chans}}
+            args = {"in_chans": chans, "dim": 8}  # the expanders are dropped: keep them small
+            model = MLVICX(**args, backend=backend)
+            return model.encoder(with_context=True), {"source": RANDOM, "model_args": args}
         from .models.resnet import ResNet18
 
         return ResNet18(in_chans=chans), {"source": RANDOM, "model_args": None}
-    encoder = load_pretrained_encoder(source, with_context=with_context, in_chans=in_chans, backend=backend)
-    file = resolve_checkpoint(source)
-    obj = _read_checkpoint(file)
-    args = dict(obj["model_args"]) if isinstance(obj, Mapping) and obj.get("kind") == "mlvicx-pretrain" else None
-    if args is not None and in_chans is not None:
-        args["in_chans"] = in_chans
+    encoder, file, args = _load_encoder(source, with_context, in_chans, backend)
     return encoder, {"source": str(file), "model_args": args}
 
 
@@ -350,14 +355,15 @@ class PreparedData:
 
 
 def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of round(fraction/100 * n) (at least 1) of n training images, drawn by `seed`.
-    fraction is in percent; 100 keeps every image."""
+    """Sorted indices of round(fraction/100 * n) (at least 1) of n training images: the first ones of
+    a permutation drawn by `seed`, so one seed's subsets are nested (1 % in 10 % in 30 %), the same
+    rows as the data loader's label fractions. fraction is in percent; 100 keeps every image."""
     if not 0 < fraction <= 100:
         raise EvaluationError(f"label fraction must be in (0, 100] percent, got {fraction}")
     if fraction >= 100:
         return np.arange(n)
     k = max(1, int(round(fraction / 100.0 * n)))
-    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
 
 
 def to_input(images: np.ndarray, in_chans: int, device: torch.device, size: Optional[int] = None) -> torch.Tensor:
@@ -693,7 +699,7 @@ def load_classifier(path: PathLike, backend: str = "auto") -> Tuple[Classifier, 
     args = obj.get("model_args")
     if obj["with_context"]:
         args = dict(args or {})
-        args["in_chans"] = obj["in_chans"]
+        args.update(in_chans=obj["in_chans"], dim=8)  # only the encoder is kept: small expanders
         encoder = MLVICX(**args, backend=backend).encoder(with_context=True)
     else:
         encoder = ResNet18(in_chans=obj["in_chans"])

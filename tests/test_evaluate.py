@@ -111,6 +111,9 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(ev.EvaluationError, match=r"1 shape mismatches .*layer1.0.conv1.weight: checkpoint \(64, 64, 1, 1\)"):
         ev.load_pretrained_encoder(tmp_path / "bad.pth")
+    torch.save(MLVICX(**ARGS, backend="torch").state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(ev.EvaluationError, match="bare MLVICX state_dict"):
+        ev.load_pretrained_encoder(tmp_path / "bare.pth")
     torch.save(ResNet18().state_dict(), tmp_path / "plain.pth")
     with pytest.raises(ev.EvaluationError, match="no context blocks"):
         ev.load_pretrained_encoder(tmp_path / "plain.pth", with_context=True)
@@ -152,6 +155,16 @@ def test_label_subsets_are_seeded_and_sized():
     assert np.array_equal(ev.label_subset(7, 100, seed=0), np.arange(7))
     with pytest.raises(ev.EvaluationError, match="got 150"):
         ev.label_subset(10, 150, seed=0)
+    # nested across fractions for one seed
+    assert set(ev.label_subset(1000, 1, seed=5)) <= set(ev.label_subset(1000, 10, seed=5)) <= set(
+        ev.label_subset(1000, 30, seed=5))
+
+
+def test_label_subsets_are_the_loaders_label_fractions():
+    loader = pytest.importorskip("mlvicx_fast.data.loader")
+    for n, pct in ((1000, 1), (777, 10), (50, 30)):
+        seed = int(np.random.randint(1000))
+        assert np.array_equal(ev.label_subset(n, pct, seed), loader.fraction_indices(n, pct / 100, seed))
 
 
 def test_grad_cam_of_a_linear_head_is_the_class_activation_map():
