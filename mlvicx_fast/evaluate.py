@@ -654,6 +654,25 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
     return results
 
 
+def linear_probe(data: PathLike, methods, fraction: float = 10.0, seeds: Sequence[int] = (0, 1, 2), **kwargs) -> Dict:
+    """The frozen linear probe at one label fraction for several encoders (the built-in demonstration's
+    evaluation half): ``run_cls(data, methods, protocols=("frozen",), fractions=(fraction,), ...)``.
+    methods as in run_cls, e.g. {"MLVICX": "runs/demo", "Random init": "random"}; other keyword
+    arguments go to run_cls (epochs, patience, image_size, out, progress, ...). Print
+    ``format_table(result)``; ``mean_scores(result)`` gives the numbers to check."""
+    return run_cls(data, methods, protocols=("frozen",), fractions=(fraction,), seeds=seeds, **kwargs)
+
+
+def mean_scores(results: Dict) -> Dict[str, Dict[str, Dict[float, Optional[float]]]]:
+    """{method: {protocol: {fraction: mean score over seeds (None when no run has one)}}}: mean test
+    AUC (accuracy for RSNA, Dice for seg), as in the '... by label fraction' table."""
+    out: Dict[str, Dict[str, Dict[float, Optional[float]]]] = {}
+    for r in results["runs"]:
+        out.setdefault(r["method"], {}).setdefault(r["protocol"], {}).setdefault(float(r["fraction"]), [])
+        out[r["method"]][r["protocol"]][float(r["fraction"])].append(r["score"])
+    return {m: {p: {f: mean_or_none(v) for f, v in fr.items()} for p, fr in pr.items()} for m, pr in out.items()}
+
+
 class _Rows:
     """images[rows[idx]] without copying the subset up front."""
 
@@ -1265,9 +1284,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _require_eval_packages() -> None:
+    missing = []
+    for module, package in (("sklearn", "scikit-learn"), ("scipy", "scipy"), ("matplotlib", "matplotlib")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise EvaluationError(f"evaluate needs {', '.join(missing)}: pip install -e '.[eval]' "
+                              f"(or pip install {' '.join(missing)})")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _require_eval_packages()
         if args.command in ("cls", "seg"):
             run = run_cls if args.command == "cls" else run_seg
             kwargs = dict(protocols=args.protocol, fractions=_fraction_list(args.fractions), seeds=args.seeds,

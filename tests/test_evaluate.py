@@ -251,6 +251,17 @@ def test_cls_end_to_end_compare_and_heatmap(tmp_path, phantom, run_folder, capsy
         ev.run_heatmap(run_folder / "final.pt", tmp_path / "x", images=[png], progress=False)
 
 
+def test_linear_probe_for_the_demo(tmp_path, phantom, run_folder):
+    res = ev.linear_probe(phantom / "nih", {"MLVICX": str(run_folder), "Random init": "random"}, fraction=10,
+                          seeds=(0, 1), epochs=2, progress=False, log=lambda s: None)
+    assert {(r["protocol"], r["fraction"]) for r in res["runs"]} == {("frozen", 10.0)}
+    means = ev.mean_scores(res)
+    for name in ("MLVICX", "Random init"):
+        runs = [r["score"] for r in res["runs"] if r["method"] == name]
+        assert len(runs) == 2 and means[name]["frozen"][10.0] == pytest.approx(np.mean(runs))
+    assert "## 10% labels (2 seeds), AUC" in ev.format_table(res)
+
+
 def test_seg_end_to_end(tmp_path, phantom, run_folder):
     res = ev.run_seg(phantom / "siim", {"MLVICX": str(run_folder / "final.pt"), "Random init": "random"},
                      protocols=("frozen", "finetune"), fractions=(30, 100), seeds=(0,), epochs=1, batch=8,
