@@ -409,7 +409,9 @@ def _backward_triton(g, x, w1, w2, ws, a, avg, mx, pidx, pooled, cidx, s):
         g3, dx.view(N, C, P), *strides, a, s, e, cidx, davg.contiguous(), dmx.contiguous(), pidx,
         C, P, 1.0 / C, 1.0 / P, BLOCK_C=bc, BLOCK_P=bp,
     )
-    return dx, dw1.reshape(w1.shape).to(w1.dtype), dw2.reshape(w2.shape).to(w2.dtype), dws.to(ws.dtype)
+    # weight gradients are returned contiguous whatever the weights' layout (the fake below agrees)
+    return (dx, dw1.reshape(w1.shape).to(w1.dtype).contiguous(), dw2.reshape(w2.shape).to(w2.dtype).contiguous(),
+            dws.to(ws.dtype).contiguous())
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,7 +450,7 @@ def _cb_bwd(
 @_cb_bwd.register_fake
 def _(g, x, w1, w2, ws, a, avg, mx, pidx, pooled, cidx, s):
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_layout(x))
-    return dx, torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(ws)
+    return dx, *(torch.empty(w.shape, device=w.device, dtype=w.dtype) for w in (w1, w2, ws))
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,213 @@
+"""ResNet18 layout and the MLVICX network: fused and reference backends agree."""
+import copy
+import os
+
+import pytest
+import torch
+
+from mlvicx_fast import MLVICX, ResNet18
+from mlvicx_fast.models import ContextEncoder
+
+from .helpers import TRITON_DEVICE, rel_err
+
+STAGES = [(1, 64, 64), (2, 64, 128), (3, 128, 256), (4, 256, 512)]
+
+
+def torchvision_resnet18_shapes(in_chans=3, with_fc=True):
+    """torchvision resnet18's state_dict keys and shapes, in order, written from its layout."""
+    out = {"conv1.weight": (64, in_chans, 7, 7)}
+
+    def bn(p, c):
+        out.update({f"{p}.weight": (c,), f"{p}.bias": (c,), f"{p}.running_mean": (c,),
+                    f"{p}.running_var": (c,), f"{p}.num_batches_tracked": ()})
+
+    bn("bn1", 64)
+    for layer, c_in, c in STAGES:
+        for block in range(2):
+            p, first_in = f"layer{layer}.{block}", (c_in if block == 0 else c)
+            out[f"{p}.conv1.weight"] = (c, first_in, 3, 3)
+            bn(f"{p}.bn1", c)
+            out[f"{p}.conv2.weight"] = (c, c, 3, 3)
+            bn(f"{p}.bn2", c)
+            if layer > 1 and block == 0:
+                out[f"{p}.downsample.0.weight"] = (c, c_in, 1, 1)
+                bn(f"{p}.downsample.1", c)
+    if with_fc:
+        out.update({"fc.weight": (1000, 512), "fc.bias": (1000,)})
+    return out
+
+
+def random_checkpoint():
+    """A stand-in for a torchvision ImageNet checkpoint: its keys and shapes, random values."""
+    sd = {}
+    for k, shape in torchvision_resnet18_shapes().items():
+        if k.endswith("num_batches_tracked"):
+            sd[k] = torch.randint(0, 100, shape)
+        elif len(shape) >= 2:  # conv / fc weights at He scale, so activations stay O(1)
+            sd[k] = torch.randn(shape) * (2.0 / torch.Size(shape[1:]).numel()) ** 0.5
+        elif k.endswith("running_var"):
+            sd[k] = torch.rand(shape) + 0.5
+        elif k.endswith(".weight"):  # BN scale
+            sd[k] = 1.0 + 0.1 * torch.randn(shape)
+        else:
+            sd[k] = 0.1 * torch.randn(shape)
+    return sd
+
+
+def test_resnet18_layout_and_parameter_count():
+    net = ResNet18()
+    assert sum(p.numel() for p in net.parameters()) == 11_176_512  # torchvision's, without fc
+    expected = torchvision_resnet18_shapes(with_fc=False)
+    assert [(k, tuple(v.shape)) for k, v in net.state_dict().items()] == list(expected.items())
+    with_fc = ResNet18(num_classes=1000)
+    assert sum(p.numel() for p in with_fc.parameters()) == 11_689_512
+    assert list(with_fc.state_dict()) == list(torchvision_resnet18_shapes())
+
+
+def test_resnet18_loads_torchvision_checkpoint_into_3_and_1_channel_stems():
+    sd = random_checkpoint()
+    rgb = ResNet18(num_classes=1000)
+    rgb.load_state_dict(sd)  # strict
+    torch.testing.assert_close(rgb.layer3[0].downsample[1].running_var, sd["layer3.0.downsample.1.running_var"])
+    backbone = ResNet18()
+    backbone.load_state_dict(sd)  # strict: fc.* is dropped for a model without fc
+    grey = ResNet18(in_chans=1)
+    grey.load_state_dict(sd)  # conv1 summed over RGB
+    torch.testing.assert_close(grey.conv1.weight, sd["conv1.weight"].sum(1, keepdim=True))
+    x = torch.randn(2, 1, 48, 48)
+    rgb.eval(), grey.eval(), backbone.eval()
+    assert rel_err(grey(x), backbone(x.expand(-1, 3, -1, -1))) < 1e-5
+    # also as a submodule of the MLVICX network
+    model = MLVICX(preset="paper", dim=32, in_chans=1, backend="torch")
+    model.backbone.load_state_dict(sd)
+    torch.testing.assert_close(model.encoder().conv1.weight, grey.conv1.weight)
+
+
+def test_presets_and_state_dict_names():
+    official, paper = MLVICX("official", backend="torch"), MLVICX("paper", backend="torch")
+    assert official.dim == 4096 and official.final_bn
+    assert isinstance(official.global_expander[-1], torch.nn.BatchNorm1d)
+    assert paper.dim == 2048 and isinstance(paper.multilevel_expander[-1], torch.nn.Linear)
+    assert official.multilevel_expander[0].in_features == 512 * 16
+    keys = set(paper.state_dict())
+    for i, c in enumerate((64, 64, 128, 256, 512)):
+        assert paper.state_dict()[f"context.{i}.mlp.0.weight"].shape == (c // 2, c, 1, 1)
+        assert f"context.{i}.spatial.weight" in keys
+        assert paper.state_dict()[f"aggregation.proj.{i}.weight"].shape == (512, c, 1, 1)
+        assert f"aggregation.proj.{i}.bias" in keys
+    assert {k for k in keys if k.startswith("backbone.")} == {
+        "backbone." + k for k in torchvision_resnet18_shapes(with_fc=False)}
+
+
+def run_recording_relu_signs(model, x, gz=None, gm=None):
+    """(z, m), the gradient probes, and the signs of every ReLU input of the backbone."""
+    signs = []
+    hooks = [mod.register_forward_pre_hook(lambda _m, inp: signs.append(inp[0].detach() > 0))
+             for mod in model.backbone.modules() if isinstance(mod, torch.nn.ReLU)]
+    z, m = model(x)
+    for h in hooks:
+        h.remove()
+    gz = torch.randn_like(z) if gz is None else gz
+    gm = torch.randn_like(m) if gm is None else gm
+    ((z * gz).sum() + (m * gm).sum()).backward()
+    return z, m, gz, gm, signs
+
+
+@pytest.mark.triton
+def test_fused_backend_matches_reference():
+    """(z, m) and every parameter gradient of the Triton network against the reference network,
+    same weights, float32, channels_last, train mode.
+
+    A ReLU input within rounding of zero can take the other branch in the two runs (the blocks
+    round differently at 1e-7); one flipped element spreads through BatchNorm to the whole
+    gradient, which says nothing about the op. Such a draw is detected and drawn again."""
+    model = MLVICX(preset="paper", dim=256, backend="triton").to(TRITON_DEVICE)
+    model = model.to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(model).set_backend("torch")
+    for _attempt in range(8):  # about 1 draw in 4 has a flip at this size
+        model.zero_grad(), ref.zero_grad()
+        x = torch.randn(4, 3, 64, 64, device=TRITON_DEVICE).contiguous(memory_format=torch.channels_last)
+        z, m, gz, gm, signs = run_recording_relu_signs(model, x)
+        z_ref, m_ref, _, _, signs_ref = run_recording_relu_signs(ref, x, gz, gm)
+        if all(torch.equal(a, b) for a, b in zip(signs, signs_ref)):
+            break
+    else:
+        pytest.fail("ReLU signs differed between the fused and the reference network in 8 draws")
+    assert rel_err(z, z_ref) < 1e-4 and rel_err(m, m_ref) < 1e-4
+    total = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad.norm() < 1e-7 * total:
+            # a bias in front of a BatchNorm: zero gradient in exact arithmetic, rounding noise here
+            assert p.grad.norm() < 1e-5 * total, name
+        else:
+            assert rel_err(p.grad, q.grad) < 1e-3, name
+
+
+def test_exact_and_official_aggregation_agree():
+    model = MLVICX(preset="paper", dim=64, backend="torch")
+    x = torch.randn(3, 3, 64, 64)
+    z, m = model(x)
+    z2, m2 = model.set_aggregation("official")(x)
+    torch.testing.assert_close(z2, z)
+    assert rel_err(m2, m) < 1e-4
+
+
+def test_encoders_share_weights():
+    model = MLVICX(preset="paper", dim=32, backend="torch").eval()
+    plain = model.encoder()
+    assert isinstance(plain, ResNet18) and plain.conv1.weight is model.backbone.conv1.weight
+    with_context = model.encoder(with_context=True)
+    assert isinstance(with_context, ContextEncoder)
+    x = torch.randn(2, 3, 64, 64)
+    taps = model.forward_taps(x)
+    assert [t.shape[1:] for t in taps] == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 2, 2)]
+    torch.testing.assert_close(with_context(x), taps[-1].mean((2, 3)))
+    assert plain(x).shape == (2, 512)
+
+
+def test_one_channel_stem_and_bf16_autocast_channels_last():
+    model = MLVICX(preset="paper", dim=32, in_chans=1, backend="torch").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 1, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, m = model(x)
+    assert z.shape == m.shape == (2, 32) and z.dtype == torch.bfloat16
+    (z.float().sum() + m.float().sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bad_inputs():
+    model = MLVICX(preset="paper", dim=16, backend="torch")
+    with pytest.raises(ValueError, match=r"expected 3 input channels, got x of shape \(2, 1, 32, 32\)"):
+        model(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"expected a 4-D image batch \(N, 3, H, W\), got \(3, 32, 32\)"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"every dimension of x must be >= 1, got shape \(2, 3, 0, 32\)"):
+        model(torch.randn(2, 3, 0, 32))
+    with pytest.raises(ValueError, match="unknown preset 'large'"):
+        MLVICX("large")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        MLVICX(backend="cuda")
+    with pytest.raises(ValueError, match="unknown aggregation 'fast'"):
+        MLVICX(aggregation="fast")
+    with pytest.raises(ValueError, match="in_chans must be 1 or 3, got 2"):
+        ResNet18(in_chans=2)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not torch.cuda.is_available() and not os.environ.get("MLVICX_SLOW_TESTS"),
+                    reason="compiling the network takes about 30 s on a CPU; set MLVICX_SLOW_TESTS=1")
+def test_network_compiles_channels_last():
+    """torch.compile of the fused network (the Triton op is an opaque custom op in the graph)."""
+    model = MLVICX(preset="paper", dim=64, backend="triton").to(TRITON_DEVICE).eval()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32, device=TRITON_DEVICE).contiguous(memory_format=torch.channels_last)
+    z, m = model(x)
+    (z.sum() + m.sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    z2, m2 = torch.compile(model)(x)
+    (z2.sum() + m2.sum()).backward()
+    assert rel_err(z2, z) < 1e-4 and rel_err(m2, m) < 1e-4
+    for p, g in zip(model.parameters(), grads):
+        if g.norm() > 1e-3:
+            assert rel_err(p.grad, g) < 1e-3
