@@ -257,6 +257,11 @@ def encoder_in_chans(encoder: nn.Module) -> int:
     return int(backbone.in_chans)
 
 
+def pooled_features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, 512): the last stage map, globally average-pooled (what ResNet18.forward gives)."""
+    return torch.flatten(F.adaptive_avg_pool2d(encoder.forward_taps(x)[-1], 1), 1)
+
+
 class Classifier(nn.Module):
     """Encoder + one Linear layer: logits = fc(avgpool(last stage map)). Multi-label: sigmoid per class."""
 
@@ -269,7 +274,7 @@ class Classifier(nn.Module):
         return self.encoder.forward_taps(x)[-1]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(F.adaptive_avg_pool2d(self.last_map(x), 1), 1)
+        return pooled_features(self.encoder, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
@@ -417,13 +422,12 @@ def _batches(n: int, batch: int, perm: Optional[torch.Tensor] = None, min_last: 
 def extract_features(encoder: nn.Module, images: np.ndarray, rows: np.ndarray, in_chans: int, device, batch: int,
                      size: Optional[int], progress: bool = False, desc: str = "features") -> torch.Tensor:
     """(len(rows), 512) pooled features of images[rows] by the encoder in eval mode (CPU float32)."""
-    clf = Classifier(encoder, 1)
-    clf.eval()
+    encoder.eval()
     out = torch.empty(len(rows), 512)
     for a in tqdm(range(0, len(rows), batch), desc=desc, unit="batch", disable=not progress, leave=False,
                   file=sys.stderr):
         idx = rows[a:a + batch]
-        out[a:a + len(idx)] = clf.features(to_input(images[idx], in_chans, device, size)).float().cpu()
+        out[a:a + len(idx)] = pooled_features(encoder, to_input(images[idx], in_chans, device, size)).float().cpu()
     return out
 
 
@@ -647,7 +651,9 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
                         run["model_file"] = str(path)
                     results["runs"].append(run)
                     ms = "—" if run["score"] is None else f"{run['score']:.4f}"
-                    log(f"{desc}: test {results['metric']} {ms} (best epoch {hist['best_epoch']}, "
+                    if out_dir is not None:  # keep what has run so far if a later run is stopped
+                        write_json(results, out_dir / "results.json")
+                    log(f"{desc}: {test_split} {results['metric']} {ms} (best epoch {hist['best_epoch']}, "
                         f"{hist['epochs_run']} epochs, {run['seconds']:.1f} s)")
     if out_dir is not None:
         write_outputs(results, out_dir)
@@ -854,6 +860,8 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
                            "epochs_run": len(history), "history": history,
                            "seconds": round(time.perf_counter() - t0, 2)}
                     results["runs"].append(run)
+                    if out is not None:
+                        write_json(results, Path(out) / "results.json")
                     log(f"{desc}: {run['eval_split']} Dice {'—' if score is None else f'{score:.4f}'} "
                         f"(best epoch {stopper.best_epoch}, {len(history)} epochs, {run['seconds']:.1f} s)")
     if out is not None:
@@ -973,14 +981,21 @@ def plot_results(results: Dict, path: PathLike) -> Path:
     return path
 
 
+def write_json(obj: Dict, path: Path) -> Path:
+    """Strict JSON (NaN -> null) written through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(_clean(obj), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+    return path
+
+
 def write_outputs(results: Dict, out: Path) -> Dict[str, Path]:
     """OUT/results.json (strict JSON, undefined = null), OUT/table.md, OUT/plot.png."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "results.json", "table": out / "table.md", "plot": out / "plot.png"}
-    tmp = files["json"].with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_clean(results), f, indent=1, allow_nan=False)
-    os.replace(tmp, files["json"])
+    write_json(results, files["json"])
     files["table"].write_text(format_table(results))
     plot_results(results, files["plot"])
     return files
@@ -1317,9 +1332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cmp = compare_results(a, b, args.a_method, args.b_method, args.a, args.b)
             print(format_comparison(cmp))
             if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                with open(args.out, "w") as f:
-                    json.dump(_clean(cmp), f, indent=1, allow_nan=False)
+                write_json(cmp, Path(args.out))
         elif args.command == "heatmap":
             rep = run_heatmap(args.model, args.out, args.images, args.data, args.split, args.n, args.classes,
                               args.size, args.alpha, args.device, progress=not args.quiet)
