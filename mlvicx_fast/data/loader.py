@@ -1,0 +1,254 @@
+"""Batches from a prepared folder (python -m mlvicx_fast.data.prepare): FFCV .beton, or .npy.
+
+    loader = make_loader("data/phantom/nih", split="train", mode="pretrain", batch_size=64)
+    for view1, view2 in loader: ...                # two augmented views, (B, 3, 224, 224) bf16
+    loader = make_loader(..., mode="classify", fraction=0.1, fraction_seed=0)
+    for images, labels in loader: ...              # labels float32 (B, n_classes)
+    loader = make_loader(siim_dir, mode="segment")
+    for images, masks in loader: ...               # masks float32 (B, 1, size, size), 0/1
+
+The CPU side only decodes (FFCV: JPEG decode or a raw copy, in its worker threads) and moves the
+uint8 batch to the GPU; the per-pixel work runs there as one fused kernel
+(`mlvicx_fast.ops.augment`), or as its torch version on a CPU-only machine.
+
+Modes:
+  pretrain  the two-view VICReg recipe (DESIGN.md section 4)
+  classify  train split: random-resized crop + flip; other splits: the whole image resized
+  segment   the whole image resized, the mask resized with nearest neighbour (no random geometry)
+
+`crop='gpu'` (default) decodes the stored size and crops inside the kernel; `crop='cpu'` (jpg
+.beton only) crops and resizes in FFCV's RandomResizedCrop decoder, once per view;
+benchmarks/bench_loader.py measures both.
+
+Label fractions: `fraction` in (0, 1] keeps the first round(fraction * n) rows (at least 1) of a
+permutation drawn from `fraction_seed`, so a seed gives the same subset every time, and the subsets
+of one seed are nested (1 % inside 10 % inside 30 %).
+
+Without FFCV (or with a folder prepared with --format npy) a plain iterator over memory-mapped
+.npy files takes its place with the same batches' shapes and dtypes.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..ops.augment import CROP_FLIP, VICREG, Recipe, augment_with_params, eval_transform, sample_params
+
+MODES = ("pretrain", "classify", "segment")
+
+
+def ffcv_available() -> bool:
+    try:
+        import ffcv  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def read_meta(data_dir) -> Dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{data_dir}: no meta.json; prepare the folder first "
+                                "(python -m mlvicx_fast.data.prepare ... --out {data_dir})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def fraction_indices(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted row indices of a seeded label fraction (nested across fractions for one seed)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return np.arange(n)
+    k = max(1, int(round(fraction * n)))
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+
+
+class _NpyBatches:
+    """The FFCV-less path: memory-mapped uint8 images, batches of (images, labels, index[, masks])."""
+
+    def __init__(self, data_dir, split, batch_size, indices, shuffle, drop_last, seed, with_mask):
+        d = Path(data_dir)
+        self.images = np.load(d / f"{split}_images.npy", mmap_mode="r")
+        self.labels = np.load(d / f"{split}_labels.npy")
+        self.masks = np.load(d / f"{split}_masks.npy", mmap_mode="r") if with_mask else None
+        self.indices = np.arange(len(self.images)) if indices is None else np.asarray(indices)
+        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+        self.epoch = 0
+
+    def __len__(self):
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        idx = self.indices
+        if self.shuffle:
+            idx = idx[np.random.default_rng((self.seed, self.epoch)).permutation(len(idx))]
+        self.epoch += 1
+        for b in range(len(self)):
+            sel = np.sort(idx[b * self.batch_size:(b + 1) * self.batch_size])
+            out = [torch.from_numpy(self.images[sel]), torch.from_numpy(self.labels[sel]),
+                   torch.from_numpy(sel.astype(np.int64))[:, None]]
+            if self.masks is not None:
+                out.append(torch.from_numpy(self.masks[sel]))
+            yield out
+
+
+def _ffcv_loader(path, fields, batch_size, workers, indices, shuffle, drop_last, seed, device, crop_cpu,
+                 size, recipe, fmt):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.decoders import NDArrayDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import ToDevice, ToTensor
+
+    def tail():
+        t = [ToTensor()]
+        if device.type == "cuda":
+            t.append(ToDevice(device, non_blocking=True))
+        return t
+
+    pipelines = {}
+    if crop_cpu:
+        if fmt != "jpg":
+            raise ValueError("crop='cpu' needs a jpg .beton (FFCV's crop decoder reads RGB images); use crop='gpu'")
+        dec = lambda: RandomResizedCropRGBImageDecoder((size, size), scale=recipe.scale, ratio=recipe.ratio)  # noqa: E731
+        pipelines["image"] = [dec()] + tail()
+        pipelines["image_b"] = PipelineSpec("image", decoder=dec(), transforms=tail())
+    else:
+        pipelines["image"] = [SimpleRGBImageDecoder() if fmt == "jpg" else NDArrayDecoder()] + tail()
+    pipelines["labels"] = [NDArrayDecoder()] + tail()
+    pipelines["index"] = [IntDecoder(), ToTensor()]
+    if "mask" in fields:
+        pipelines["mask"] = [NDArrayDecoder()] + tail()
+    return Loader(str(path), batch_size=batch_size, num_workers=workers,
+                  order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, drop_last=drop_last,
+                  pipelines=pipelines, indices=None if indices is None else list(map(int, indices)),
+                  seed=seed, os_cache=True)
+
+
+class PreparedLoader:
+    """Iterable of batches on `device` (see the module docstring); len() is batches per epoch."""
+
+    def __init__(self, data_dir, split="train", mode="pretrain", batch_size=64, size=224, workers=None,
+                 device=None, seed=0, fraction=1.0, fraction_seed=0, shuffle=None, drop_last=None,
+                 crop="gpu", recipe: Optional[Recipe] = None, channels=3, backend="auto",
+                 out_dtype=torch.bfloat16, use_ffcv: Optional[bool] = None, with_index: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if crop not in ("gpu", "cpu"):
+            raise ValueError(f"crop must be 'gpu' or 'cpu', got {crop!r}")
+        self.meta = read_meta(data_dir)
+        if split not in self.meta["splits"] or self.meta["splits"][split]["n"] == 0:
+            have = [s for s, v in self.meta["splits"].items() if v["n"]]
+            raise ValueError(f"{data_dir}: split {split!r} is empty or absent; available: {have}")
+        if mode == "segment" and "mask" not in self.meta["fields"]:
+            raise ValueError(f"{data_dir}: mode='segment' needs masks; this folder holds {self.meta['dataset']} "
+                             "labels (prepare siim or phantom)")
+        self.mode, self.size, self.channels, self.backend, self.out_dtype = mode, size, channels, backend, out_dtype
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        train = split == "train"
+        self.shuffle = train if shuffle is None else shuffle
+        drop_last = (train and mode == "pretrain") if drop_last is None else drop_last
+        self.recipe = recipe or (VICREG if mode == "pretrain" else CROP_FLIP)
+        self.random_aug = mode == "pretrain" or (mode == "classify" and train)
+        self.crop_cpu = crop == "cpu" and self.random_aug
+        n = self.meta["splits"][split]["n"]
+        self.indices = None if fraction == 1.0 else fraction_indices(n, fraction, fraction_seed)
+        self.n = n if self.indices is None else len(self.indices)
+        self.seed, self.epoch, self.with_index = seed, 0, with_index
+        fmt = self.meta["format"]
+        beton = Path(data_dir) / f"{split}.beton"
+        if use_ffcv is None:
+            use_ffcv = fmt in ("jpg", "raw") and ffcv_available()
+        if use_ffcv:
+            if not beton.is_file():
+                raise FileNotFoundError(f"{beton} is missing (meta.json says format {fmt})")
+            workers = workers or min(8, torch.get_num_threads())
+            self._it = _ffcv_loader(beton, self.meta["fields"], batch_size, workers, self.indices, self.shuffle,
+                                    drop_last, seed, self.device, self.crop_cpu, size, self.recipe, fmt)
+        else:
+            if fmt != "npy":
+                raise RuntimeError(f"{data_dir} holds .beton files (format {fmt}) and ffcv is not installed; "
+                                   "install it (scripts/setup.sh --dev) or prepare with --format npy")
+            if crop == "cpu":
+                raise ValueError("crop='cpu' needs FFCV's decoder (a jpg .beton)")
+            self._it = _NpyBatches(data_dir, split, batch_size, self.indices, self.shuffle, drop_last, seed,
+                                   "mask" in self.meta["fields"])
+        self.ffcv = use_ffcv
+
+    def __len__(self):
+        return len(self._it)
+
+    def _to_device(self, t):
+        if t.device != self.device:
+            t = t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t.to(self.device)
+        return t
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
+        it = iter(self._it)
+        try:
+            yield from self._batches(it, gen)
+        finally:  # an epoch left early: stop FFCV's prefetch thread now rather than at garbage collection
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def _batches(self, it, gen):
+        for batch in it:
+            if self.crop_cpu:
+                img, labels, index, img_b = batch[0], batch[1], batch[2], batch[-1]
+                masks = None
+            else:
+                img, labels, index = batch[0], batch[1], batch[2]
+                masks = batch[3] if len(batch) > 3 else None
+            img = self._to_device(img)
+            if self.mode == "pretrain":
+                out = self._two_views(img, gen, None if not self.crop_cpu else self._to_device(img_b))
+            elif self.mode == "classify":
+                x = self._two_views(img, gen, None if not self.crop_cpu else img)[0] if self.random_aug else \
+                    eval_transform(img, self.size, self.channels, self.recipe.mean, self.recipe.std, self.out_dtype,
+                                   self.backend)
+                out = (x, self._to_device(labels).float())
+            else:
+                x = eval_transform(img, self.size, self.channels, self.recipe.mean, self.recipe.std, self.out_dtype,
+                                   self.backend)
+                m = self._to_device(masks)[:, None].float()
+                if m.shape[-1] != self.size:
+                    m = F.interpolate(m, size=(self.size, self.size), mode="nearest")
+                out = (x, m)
+            # index: the rows of <split>_index.csv in this batch
+            yield (*out, index.reshape(-1).long()) if self.with_index else out
+
+    def _two_views(self, img, gen, img_b):
+        from ..ops.augment import P_H, P_W, P_X0, P_Y0, as_gray
+        g = as_gray(img)
+        N, H, W = g.shape
+        p = sample_params(N, H, W, self.recipe, gen, random_crop=img_b is None)
+        if img_b is None:
+            return augment_with_params(g, p, self.size, self.channels, self.recipe.mean, self.recipe.std,
+                                       self.out_dtype, self.backend)
+        # crop done by FFCV's decoder (one decode per view): only the pointwise/blur part here
+        p[..., P_Y0] = 0
+        p[..., P_X0] = 0
+        p[..., P_H] = H
+        p[..., P_W] = W
+        v1 = augment_with_params(g, p[[0, 0]], self.size, self.channels, self.recipe.mean, self.recipe.std,
+                                 self.out_dtype, self.backend)[0]
+        v2 = augment_with_params(as_gray(img_b), p[[1, 1]], self.size, self.channels, self.recipe.mean,
+                                 self.recipe.std, self.out_dtype, self.backend)[0]
+        return v1, v2
+
+
+def make_loader(data_dir, **kwargs) -> PreparedLoader:
+    """See `PreparedLoader` and the module docstring."""
+    return PreparedLoader(data_dir, **kwargs)

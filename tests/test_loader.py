@@ -1,0 +1,153 @@
+"""The loader over a prepared phantom set: shapes, dtypes, labels and masks by row, label fractions,
+determinism by seed, and the .beton and .npy paths giving the same batches."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlvicx_fast.data.loader import fraction_indices, make_loader
+from mlvicx_fast.data.prepare import prepare
+from mlvicx_fast.ops.augment import eval_transform
+
+try:
+    import ffcv  # noqa: F401
+    HAS_FFCV = True
+except ImportError:
+    HAS_FFCV = False
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_ffcv = pytest.mark.skipif(not HAS_FFCV, reason="ffcv is not installed (scripts/setup.sh --dev installs it)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_threads_left():
+    """FFCV prefetches in daemon threads; let them end before pytest's own teardown imports
+    (CPython 3.11.7 can raise 'AST constructor recursion depth mismatch' when code is compiled
+    in two threads at once)."""
+    yield
+    import gc
+    import threading
+    gc.collect()
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and t.daemon:
+            t.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A 96-image phantom: raw .beton via the CLI (a subprocess: FFCV's writer forks), the same
+    images as .npy in-process, and a jpg .beton of the NIH part."""
+    out = tmp_path_factory.mktemp("phantom")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    fmt = "raw" if HAS_FFCV else "npy"
+    r = subprocess.run([sys.executable, "-m", "mlvicx_fast.data.prepare", "phantom", "--out", str(out), "--n", "96",
+                        "--size", "48", "--format", fmt, "--workers", "1", "--seed", "5", "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    prepare("nih", out / "raw", out / "nih_npy", size=48, fmt="npy", workers=1, progress=False, seed=5)
+    prepare("siim", out / "raw", out / "siim_npy", size=48, fmt="npy", workers=1, progress=False, seed=5)
+    if HAS_FFCV:
+        r = subprocess.run([sys.executable, "-m", "mlvicx_fast.data.prepare", "nih", "--root", str(out / "raw"),
+                            "--out", str(out / "nih_jpg"), "--size", "48", "--format", "jpg", "--workers", "1",
+                            "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+    return out
+
+
+def index_labels(d, split):
+    with open(Path(d) / f"{split}_index.csv") as f:
+        rows = list(csv.reader(f))
+    return np.array([[int(v) for v in r[2:16]] for r in rows[1:]], dtype=np.float32)
+
+
+@pytest.mark.parametrize("kind", ["nih", "nih_npy"])
+def test_pretrain_two_views(prepared, kind):
+    if kind == "nih" and not HAS_FFCV:
+        pytest.skip("ffcv is not installed")
+    L = make_loader(prepared / kind, mode="pretrain", batch_size=8, size=32, workers=1, seed=3)
+    n = 0
+    for v1, v2 in L:
+        n += 1
+        for v in (v1, v2):
+            assert v.shape == (8, 3, 32, 32) and v.dtype == torch.bfloat16
+            assert v.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(v.float()).all()
+        assert not torch.equal(v1, v2)
+    meta_n = L.meta["splits"]["train"]["n"]
+    assert n == len(L) == meta_n // 8  # drop_last for pretraining
+    # same seed: the same first batch; another seed: another one
+    a = next(iter(make_loader(prepared / kind, mode="pretrain", batch_size=8, size=32, workers=1, seed=3)))
+    b = next(iter(make_loader(prepared / kind, mode="pretrain", batch_size=8, size=32, workers=1, seed=3)))
+    c = next(iter(make_loader(prepared / kind, mode="pretrain", batch_size=8, size=32, workers=1, seed=4)))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+@needs_ffcv
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_beton_and_npy_agree_row_by_row(prepared, split):
+    """Labels against <split>_index.csv by row; images identical between the raw .beton and .npy."""
+    kw = dict(mode="classify", split=split, batch_size=16, size=40, workers=1, shuffle=False, with_index=True)
+    expect = index_labels(prepared / "nih", split)
+    npy_images = np.load(prepared / "nih_npy" / f"{split}_images.npy")
+    seen = []
+    for x, y, idx in make_loader(prepared / "nih", **kw):
+        assert x.shape[1:] == (3, 40, 40) and y.dtype == torch.float32 and y.shape[1] == 14
+        assert torch.equal(y, torch.from_numpy(expect[idx.numpy()]))
+        if split == "test":
+            ref = eval_transform(torch.from_numpy(npy_images[idx.numpy()]), 40)
+            assert torch.equal(x, ref)
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(len(expect)))
+    for x, y, idx in make_loader(prepared / "nih_npy", **kw):
+        assert torch.equal(y, torch.from_numpy(expect[idx.numpy()]))
+
+
+def test_label_fractions_seeded_and_nested(prepared):
+    a = fraction_indices(1000, 0.1, seed=7)
+    assert len(a) == 100 and np.array_equal(a, fraction_indices(1000, 0.1, seed=7))
+    assert not np.array_equal(a, fraction_indices(1000, 0.1, seed=8))
+    assert set(fraction_indices(1000, 0.01, 7)) <= set(a) <= set(fraction_indices(1000, 0.3, 7))
+    assert len(fraction_indices(50, 0.01, 0)) == 1
+    with pytest.raises(ValueError, match="fraction must be in \\(0, 1\\], got 0"):
+        fraction_indices(10, 0, 0)
+    d = prepared / "nih_npy"
+    n = len(index_labels(d, "train"))
+    L = make_loader(d, mode="classify", fraction=0.3, fraction_seed=2, batch_size=64, size=24, with_index=True)
+    got = np.sort(np.concatenate([i.numpy() for _, _, i in L]))
+    assert np.array_equal(got, fraction_indices(n, 0.3, 2))
+
+
+@pytest.mark.parametrize("kind", ["siim", "siim_npy"])
+def test_segment_masks_follow_their_rows(prepared, kind):
+    if kind == "siim" and not HAS_FFCV:
+        pytest.skip("ffcv is not installed")
+    masks = np.load(prepared / "siim_npy" / "val_masks.npy")
+    for x, m, idx in make_loader(prepared / kind, split="val", mode="segment", batch_size=8, size=48, workers=1,
+                                 with_index=True):
+        assert x.shape == (len(idx), 3, 48, 48) and m.shape == (len(idx), 1, 48, 48) and m.dtype == torch.float32
+        assert torch.equal(m[:, 0], torch.from_numpy(masks[idx.numpy()]).float())
+
+
+@needs_ffcv
+def test_jpg_with_crop_on_the_cpu(prepared):
+    L = make_loader(prepared / "nih_jpg", mode="pretrain", batch_size=8, size=32, workers=1, crop="cpu")
+    v1, v2 = next(iter(L))
+    assert v1.shape == v2.shape == (8, 3, 32, 32) and v1.dtype == torch.bfloat16
+    x, y = next(iter(make_loader(prepared / "nih_jpg", split="test", mode="classify", batch_size=8, size=32,
+                                 workers=1)))
+    assert x.shape == (8, 3, 32, 32) and y.shape == (8, 14)
+
+
+def test_loader_errors_name_the_problem(prepared, tmp_path):
+    with pytest.raises(ValueError, match="mode='segment' needs masks"):
+        make_loader(prepared / "nih_npy", mode="segment")
+    with pytest.raises(ValueError, match="split 'test' is empty or absent; available: \\['train', 'val'\\]"):
+        make_loader(prepared / "siim_npy", split="test", mode="segment")
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        make_loader(tmp_path)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        make_loader(prepared / "nih_npy", mode="train")
