@@ -11,7 +11,8 @@ Choices made here (the paper leaves them open):
 
 * Inputs are the prepared uint8 images at their stored size (``--image-size`` resizes), scaled to
   [0, 1] and normalised with the ImageNet mean/std (gray replicated to 3 channels, or the first
-  channel's statistics for a 1-channel stem), as in pretraining. No augmentation.
+  channel's statistics for a 1-channel stem), as in pretraining. No augmentation by default;
+  ``--augment`` fine-tunes on the data loader's random-resized-crop + flip batches.
 * Frozen protocol: the encoder runs once per image in eval mode and its (N, 512) pooled features
   are kept; only the Linear layer trains on them (exactly the same model as running the frozen
   encoder every epoch without augmentation, much faster on a CPU).
@@ -447,9 +448,11 @@ def _score_cls(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], bi
 def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_y: np.ndarray, *,
                      prepare: Callable, classes: Sequence[str], batch: int, lr: float, epochs: int,
                      patience: int, seed: int, device, eval_batch: int, progress: bool = False,
-                     desc: str = "train") -> Dict:
+                     desc: str = "train", train_loader=None) -> Dict:
     """Adam + BCE on (train_x, train_y) with early stopping on validation mean AUC; the model ends
-    holding its best epoch's weights. prepare(x, idx) -> input batch on device. Returns the history."""
+    holding its best epoch's weights. prepare(x, idx) -> input batch on device. train_loader, when
+    given, replaces (train_x, train_y): an iterable of (inputs, labels) batches, one pass per epoch
+    (the data loader's augmented batches). Returns the history."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -461,14 +464,17 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
     for epoch in bar:
         model.train()
         total, seen = 0.0, 0
-        for idx in _batches(n, batch, torch.randperm(n, generator=g), min_last=2):
-            logits = model(prepare(train_x, idx))
-            loss = F.binary_cross_entropy_with_logits(logits, yt[idx].to(logits.device))
+        perm = torch.randperm(n, generator=g)  # drawn every epoch, so the loader does not shift the seeds
+        batches = ((prepare(train_x, idx), yt[idx]) for idx in _batches(n, batch, perm, min_last=2)) \
+            if train_loader is None else ((x.float(), y.float()) for x, y in train_loader if len(y) > 1)
+        for inputs, targets in batches:
+            logits = model(inputs)
+            loss = F.binary_cross_entropy_with_logits(logits, targets.to(logits.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
+            total += loss.item() * len(targets)
+            seen += len(targets)
         model.eval()
         probs = _predict(lambda i: model(prepare(val_x, i)), len(val_y), eval_batch)
         val = auc_table(val_y, probs, classes)
@@ -535,9 +541,12 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
             seeds: Sequence[int] = (0, 1, 2), *, with_context: bool = False, in_chans: Optional[int] = None,
             batch: Optional[int] = None, lr: Optional[float] = None, epochs: int = 100, patience: int = 10,
             image_size: Optional[int] = None, device: str = "auto", out: Optional[PathLike] = None,
-            save_models: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Dict:
+            save_models: bool = False, augment: bool = False, progress: bool = True,
+            log: Callable[[str], None] = print) -> Dict:
     """Classification runs for every (method, protocol, fraction, seed); returns the results dict
     (also written as OUT/results.json, OUT/table.md and OUT/plot.png when out is given).
+    augment: fine-tune on the data loader's random-resized-crop + flip batches
+    (``mlvicx_fast.data.loader``, mode 'classify', same label subsets) instead of whole images.
 
     methods: {name: checkpoint path | run folder | 'random'} or a list of specs 'NAME=PATH', 'PATH',
     'random'. fractions in percent. batch / lr default to the paper's per dataset (see DEFAULTS).
@@ -569,7 +578,7 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
     config = {"data": str(prepared.folder), "dataset": prepared.dataset, "task": prepared.task,
               "protocols": list(protocols), "fractions": fractions, "seeds": list(seeds), "with_context": with_context,
               "in_chans": in_chans, "epochs": epochs, "patience": patience, "image_size": image_size or prepared.size,
-              "device": str(dev), "optimizer": "Adam", "test_split": test_split,
+              "device": str(dev), "optimizer": "Adam", "test_split": test_split, "augment_finetune": augment,
               "settings": {p: dict(zip(("batch", "lr"), _settings(prepared.dataset, p, batch, lr))) for p in protocols}}
     results = {"kind": "mlvicx-eval", "task": "cls", "dataset": prepared.dataset, "classes": classes,
                "metric": "accuracy" if binary else "mean_auc", "config": config, "methods": [n for n, _ in pairs],
@@ -631,10 +640,18 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
                         def prep(x, idx):
                             return to_input(x[idx], chans, dev, size)
                         sub_images = _Rows(train["images"], rows)
+                        loader = None
+                        if augment:
+                            from .data.loader import make_loader
+
+                            loader = make_loader(prepared.folder, split="train", mode="classify", batch_size=bs,
+                                                 size=image_size or prepared.size, device=dev, seed=seed,
+                                                 fraction=fraction / 100.0, fraction_seed=seed, channels=chans,
+                                                 out_dtype=torch.float32)
                         hist = train_classifier(model, sub_images, train["labels"][rows], val["images"], val["labels"],
                                                 prepare=prep, classes=classes, batch=bs, lr=rate, epochs=epochs,
                                                 patience=patience, seed=seed, device=dev, eval_batch=2 * bs,
-                                                progress=progress, desc=desc)
+                                                progress=progress, desc=desc, train_loader=loader)
                         probs = _predict(lambda i: model(prep(test["images"], i)), len(test["labels"]), 2 * bs)
                     scores = _score_cls(test["labels"], probs, classes, binary)
                     run = {"method": name, "checkpoint": info["source"], "protocol": protocol, "fraction": fraction,
@@ -1267,6 +1284,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=CLS_EPILOG, formatter_class=raw)
     common(s, CLS_FRACTIONS, ("frozen",))
     s.add_argument("--save-models", action="store_true", help="keep every run's best classifier in OUT/models")
+    s.add_argument("--augment", action="store_true",
+                   help="fine-tune on random-resized-crop + flip batches of the data loader (default: whole images)")
 
     s = sub.add_parser("seg", help="segmentation: U-Net on SIIM-ACR, Dice",
                        description="U-Net with the pretrained ResNet18 as encoder (decoder random) on SIIM-ACR masks.",
@@ -1322,7 +1341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           epochs=args.epochs, patience=args.patience, image_size=args.image_size, device=args.device,
                           out=args.out, progress=not args.quiet)
             if args.command == "cls":
-                kwargs["save_models"] = args.save_models
+                kwargs.update(save_models=args.save_models, augment=args.augment)
             results = run(args.data, args.ckpt, **kwargs)
             print()
             print(format_table(results))

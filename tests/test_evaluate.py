@@ -262,6 +262,14 @@ def test_linear_probe_for_the_demo(tmp_path, phantom, run_folder):
     assert "## 10% labels (2 seeds), AUC" in ev.format_table(res)
 
 
+def test_finetune_with_the_loaders_augmentation(tmp_path, phantom, run_folder):
+    res = ev.run_cls(phantom / "nih", {"MLVICX": str(run_folder)}, protocols=("finetune",), fractions=(50,),
+                     seeds=(0,), epochs=1, batch=16, augment=True, progress=False, log=lambda s: None)
+    (run,) = res["runs"]
+    assert res["config"]["augment_finetune"] and run["epochs_run"] == 1 and run["history"][0]["train_loss"] > 0
+    assert run["mean_auc"] is not None
+
+
 def test_seg_end_to_end(tmp_path, phantom, run_folder):
     res = ev.run_seg(phantom / "siim", {"MLVICX": str(run_folder / "final.pt"), "Random init": "random"},
                      protocols=("frozen", "finetune"), fractions=(30, 100), seeds=(0,), epochs=1, batch=8,
