@@ -1121,11 +1121,22 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarra
     return (np.clip((1 - alpha) * base + alpha * heat, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def _image_ids(index_csv: Path) -> List[str]:
+    """The image ids of a prepared split, in row order ([] when its index file is missing)."""
+    import csv
+
+    if not index_csv.is_file():
+        return []
+    with open(index_csv, newline="") as f:
+        return [row["image_id"] for row in csv.DictReader(f)]
+
+
 def run_heatmap(model_path: PathLike, out: PathLike, images: Sequence[PathLike] = (), data: Optional[PathLike] = None,
                 split: str = "test", n: int = 4, classes: Optional[Sequence[str]] = None, size: Optional[int] = None,
                 alpha: float = 0.45, device: str = "auto", progress: bool = True) -> Dict:
     """Grad-CAM overlays: OUT/<image>/<class>.png (size x size, default the classifier's training
-    size), OUT/<image>/input.png, and OUT/heatmaps.json with every image's class probabilities."""
+    size), OUT/<image>/input.png, and OUT/heatmaps.json with every image's class probabilities (and
+    its labels for images from --data, named <split>-<row>-<image id>)."""
     from PIL import Image
 
     from .data.images import fit_square, read_image
@@ -1149,14 +1160,18 @@ def run_heatmap(model_path: PathLike, out: PathLike, images: Sequence[PathLike] 
             items.append((p.stem, fit_square(read_image(p), size)))
         except Exception as e:  # noqa: BLE001 - unreadable image: name it
             raise EvaluationError(f"could not read image {str(p)!r}: {e}") from None
+    truth: Dict[str, Dict[str, int]] = {}
     if data is not None:
         prepared = PreparedData(data)
         d = prepared.split(split)
+        ids = _image_ids(prepared.folder / f"{split}_index.csv")
         for j in range(min(n, len(d["images"]))):
             img = np.asarray(d["images"][j])
             if img.shape[0] != size:
                 img = fit_square(img, size)
-            items.append((f"{split}-{j:05d}", img))
+            stem = f"{split}-{j:05d}" + (f"-{Path(ids[j]).stem}" if j < len(ids) else "")
+            items.append((stem, img))
+            truth[stem] = {c: int(v) for c, v in zip(prepared.classes, d["labels"][j]) if c in wanted}
     if not items:
         raise EvaluationError("no images: give image files and/or --data with --split and --n")
     out = Path(out)
@@ -1173,6 +1188,8 @@ def run_heatmap(model_path: PathLike, out: PathLike, images: Sequence[PathLike] 
             Image.fromarray(overlay(gray, cam, alpha)).save(path)
             files[c] = str(path)
         report["images"][stem] = {"probabilities": {c: float(probs[names.index(c)]) for c in wanted}, "files": files}
+        if stem in truth:
+            report["images"][stem]["labels"] = truth[stem]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "heatmaps.json", "w") as f:
         json.dump(report, f, indent=1)
@@ -1244,7 +1261,8 @@ HEATMAP_EPILOG = """\
 reads:  --model, a classifier saved by evaluate cls --save-models (OUT/models/*.pt); images as
         files (PNG or DICOM) and/or the first --n images of --split from a prepared --data folder
 writes (--out): OUT/<image>/input.png and OUT/<image>/<class>.png (Grad-CAM overlay on the
-        X-ray, at the classifier's image size or --size), OUT/heatmaps.json (probabilities)
+        X-ray, at the classifier's image size or --size), OUT/heatmaps.json (probabilities, and
+        labels for --data images, whose folders are named <split>-<row>-<image id>)
 example:
   python -m mlvicx_fast.evaluate heatmap --model eval/nih/models/MLVICX-finetune-100pct-seed0.pt \\
       --data ~/data/nih256 --n 8 --classes Effusion Cardiomegaly --out eval/heatmaps

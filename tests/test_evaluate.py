@@ -236,12 +236,17 @@ def test_cls_end_to_end_compare_and_heatmap(tmp_path, phantom, run_folder, capsy
     code = ev.main(["heatmap", "--model", str(model), str(png), "--data", str(phantom / "nih"), "--n", "2",
                     "--classes", "Effusion", "Mass", "--out", str(tmp_path / "hm"), "--quiet"])
     assert code == 0
-    for stem in ("xray", "test-00000", "test-00001"):
+    ids = [line.split(",")[1][:-4] for line in (phantom / "nih" / "test_index.csv").read_text().splitlines()[1:3]]
+    for stem in ("xray", f"test-00000-{ids[0]}", f"test-00001-{ids[1]}"):
         for name in ("Effusion.png", "Mass.png", "input.png"):
             with Image.open(tmp_path / "hm" / stem / name) as im:
                 assert im.size == (SIZE, SIZE)
     rep = json.loads((tmp_path / "hm" / "heatmaps.json").read_text())
     assert set(rep["images"]["xray"]["probabilities"]) == {"Effusion", "Mass"}
+    labels = np.load(phantom / "nih" / "test_labels.npy")
+    from mlvicx_fast.data import NIH_LABELS
+    assert rep["images"][f"test-00001-{ids[1]}"]["labels"] == {
+        "Effusion": int(labels[1, NIH_LABELS.index("Effusion")]), "Mass": int(labels[1, NIH_LABELS.index("Mass")])}
     ev.run_heatmap(model, tmp_path / "hm96", images=[png], size=96, progress=False)
     with Image.open(tmp_path / "hm96" / "xray" / "Cardiomegaly.png") as im:
         assert im.size == (96, 96) and im.mode == "RGB"
