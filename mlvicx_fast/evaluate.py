@@ -5,6 +5,7 @@
              early stopping on validation mean AUC (patience 10), the best epoch scored on test.
     seg      segmentation: U-Net on the same encoder, SIIM-ACR masks, frozen or fine-tuned, Dice.
     compare  paired t-test (scipy ttest_rel) of two methods over runs matched by fraction and seed.
+    table    one table (and plot) from the results of several evaluations of the same dataset.
     heatmap  Grad-CAM class activation maps of a fine-tuned classifier, PNG overlays per class.
 
 Choices made here (the paper leaves them open):
@@ -1035,6 +1036,33 @@ def read_results(path: PathLike) -> Dict:
     return obj
 
 
+def merge_results(results: Sequence[Dict], names: Sequence[str] = ()) -> Dict:
+    """One results dict holding the runs of several (same task and dataset), for one table: e.g.
+    MLVICX, VICReg and random init evaluated by separate commands."""
+    if not results:
+        raise EvaluationError("no results to merge")
+    names = list(names) or [f"results {i + 1}" for i in range(len(results))]
+    first = results[0]
+    seen: Dict[Tuple, str] = {}
+    runs: List[Dict] = []
+    for r, name in zip(results, names):
+        if (r.get("task"), r.get("dataset")) != (first.get("task"), first.get("dataset")):
+            raise EvaluationError(f"cannot put {name} ({r.get('task')} on {r.get('dataset')}) in one table with "
+                                  f"{names[0]} ({first.get('task')} on {first.get('dataset')})")
+        for run in r["runs"]:
+            key = (run["method"], run["protocol"], float(run["fraction"]), int(run["seed"]))
+            if key in seen:
+                raise EvaluationError(f"method {key[0]!r} ({key[1]}, {key[2]:g}%, seed {key[3]}) is in both "
+                                      f"{seen[key]} and {name}; rename one (NAME=PATH when evaluating)")
+            seen[key] = name
+            runs.append(run)
+    merged = {k: v for k, v in first.items() if k != "runs"}
+    merged["config"] = dict(first.get("config", {}), merged_from=[str(n) for n in names])
+    merged["methods"] = list(dict.fromkeys(run["method"] for run in runs))
+    merged["runs"] = runs
+    return merged
+
+
 # ================================================================================================
 # significance
 # ================================================================================================
@@ -1257,6 +1285,15 @@ example:
   python -m mlvicx_fast.evaluate compare eval/nih eval/nih --a-method MLVICX --b-method "Random init"
 """
 
+TABLE_EPILOG = """\
+reads:  results.json files (or folders holding one) of evaluate cls / evaluate seg on one dataset,
+        e.g. one per pretraining method evaluated by separate commands
+writes: the merged table to stdout; with --out DIR: DIR/results.json (all runs), DIR/table.md,
+        DIR/plot.png
+example:
+  python -m mlvicx_fast.evaluate table eval/nih-mlvicx eval/nih-vicreg eval/nih-random --out eval/nih-all
+"""
+
 HEATMAP_EPILOG = """\
 reads:  --model, a classifier saved by evaluate cls --save-models (OUT/models/*.pt); images as
         files (PNG or DICOM) and/or the first --n images of --split from a prepared --data folder
@@ -1274,7 +1311,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Downstream evaluation of pretrained encoders (MLVICX paper protocols).",
                                 epilog="run 'python -m mlvicx_fast.evaluate <command> --help' for each command",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{cls,seg,compare,heatmap}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{cls,seg,compare,table,heatmap}")
     raw = argparse.RawDescriptionHelpFormatter
 
     def common(s, fractions, protocols):
@@ -1318,6 +1355,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--a-method", default=None, help="method of A when A holds several")
     s.add_argument("--b-method", default=None, help="method of B when B holds several")
     s.add_argument("--out", default=None, help="also write the comparison as JSON here")
+
+    s = sub.add_parser("table", help="one Table I from several results.json files",
+                       description="Merge the runs of several evaluations (same task and dataset) into one table.",
+                       epilog=TABLE_EPILOG, formatter_class=raw)
+    s.add_argument("results", nargs="+", help="results.json files or their folders")
+    s.add_argument("--out", default=None, help="folder for the merged results.json, table.md and plot.png")
 
     s = sub.add_parser("heatmap", help="Grad-CAM overlays of a fine-tuned classifier",
                        description="Grad-CAM class activation maps over chest X-rays (paper Fig. 2).",
@@ -1370,6 +1413,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(format_comparison(cmp))
             if args.out:
                 write_json(cmp, Path(args.out))
+        elif args.command == "table":
+            merged = merge_results([read_results(r) for r in args.results], args.results)
+            print(format_table(merged))
+            if args.out:
+                write_outputs(merged, Path(args.out))
+                print(f"wrote {Path(args.out) / 'results.json'}, table.md and plot.png")
         elif args.command == "heatmap":
             rep = run_heatmap(args.model, args.out, args.images, args.data, args.split, args.n, args.classes,
                               args.size, args.alpha, args.device, progress=not args.quiet)

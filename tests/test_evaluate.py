@@ -137,7 +137,7 @@ def test_data_folder_hint(phantom):
         ev.PreparedData(phantom)
 
 
-@pytest.mark.parametrize("command", ["cls", "seg", "compare", "heatmap"])
+@pytest.mark.parametrize("command", ["cls", "seg", "compare", "table", "heatmap"])
 def test_help_says_what_it_reads_writes_and_an_example(command, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main([command, "--help"])
@@ -228,6 +228,16 @@ def test_cls_end_to_end_compare_and_heatmap(tmp_path, phantom, run_folder, capsy
         assert s["p"] == pytest.approx(ttest_rel(a, b).pvalue)
     assert ev.main(["compare", str(out), str(out)]) == 2
     assert "choose one with --a-method" in capsys.readouterr().err
+
+    # table: runs evaluated by separate commands in one table
+    one = dict(res, runs=[r for r in res["runs"] if r["method"] == "MLVICX"])
+    two = dict(res, runs=[r for r in res["runs"] if r["method"] != "MLVICX"])
+    ev.write_json(one, tmp_path / "one" / "results.json")
+    ev.write_json(two, tmp_path / "two.json")
+    assert ev.main(["table", str(tmp_path / "one"), str(tmp_path / "two.json"), "--out", str(tmp_path / "all")]) == 0
+    assert (tmp_path / "all" / "table.md").read_text() == table
+    assert ev.main(["table", str(out), str(tmp_path / "two.json")]) == 2
+    assert "is in both" in capsys.readouterr().err
 
     # heatmaps of a fine-tuned classifier: one PNG per class and image, at the image size
     model = out / "models" / "MLVICX-finetune-100pct-seed0.pt"
