@@ -2,7 +2,8 @@
 # Sets up mlvicx_fast for the Python that `python3` (or $PYTHON) names, then returns.
 #
 #   bash scripts/setup.sh          # the package and what the main job needs
-#   bash scripts/setup.sh --dev    # the same, plus what the test suite and benchmarks need
+#   bash scripts/setup.sh --data   # the same, plus the data stack: Pillow, pydicom, FFCV (+ apt libs)
+#   bash scripts/setup.sh --dev    # all of the above, plus what the test suite and benchmarks need
 #
 # torch: an installed torch is kept as it is (a GPU build included). With none installed, the CPU
 # build `torch==2.13.0+cpu` is installed (set MLVICX_TORCH to another pip spec to choose); the
@@ -14,11 +15,13 @@ set -euo pipefail
 usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 DEV=0
+DATA=0
 for arg in "$@"; do
   case "$arg" in
-    --dev) DEV=1 ;;
+    --dev) DEV=1; DATA=1 ;;
+    --data) DATA=1 ;;
     -h|--help) usage; exit 0 ;;
-    *) echo "setup.sh: unknown option '$arg' (expected --dev or --help)" >&2; exit 2 ;;
+    *) echo "setup.sh: unknown option '$arg' (expected --dev, --data or --help)" >&2; exit 2 ;;
   esac
 done
 
@@ -48,7 +51,8 @@ TORCH_CUDA=$("$PY" -c 'import torch; print(1 if torch.version.cuda else 0)')
 
 # 2. the package itself (editable, so the repository's benchmarks and tests use this checkout).
 extras=""
-[ "$DEV" = 1 ] && extras="[dev]"
+[ "$DATA" = 1 ] && extras="[data]"
+[ "$DEV" = 1 ] && extras="[dev,data]"
 say "installing mlvicx_fast${extras}"
 pip_install -e ".${extras}"
 
@@ -59,6 +63,37 @@ if [ "$DEV" = 1 ] && [ "$TORCH_CUDA" = 0 ]; then
   if ! "$PY" -c 'import triton, sys; sys.exit(0 if triton.__version__ == "3.9.0" else 1)' 2>/dev/null; then
     say "installing triton==3.9.0 for the interpreter tests"
     pip_install "triton==3.9.0"
+  fi
+fi
+
+# 4. FFCV (fast .beton loading) builds from source against libturbojpeg and OpenCV, so it needs
+#    three Debian packages, and it runs only with a matching numpy/numba/llvmlite set (the pins
+#    below were checked together on Python 3.11; see the project's ENVIRONMENT notes). Without it
+#    everything still works through the --format npy path.
+FFCV_PINS="numpy==2.4.6 numba==0.68.1 llvmlite==0.50.0 opencv-python-headless==5.0.0.93 pillow==13.0.0 ffcv==1.0.2"
+if [ "$DATA" = 1 ]; then
+  if "$PY" -c 'import ffcv' 2>/dev/null; then
+    say "keeping the installed ffcv"
+  else
+    need=""
+    for pkg in pkg-config libturbojpeg0-dev libopencv-dev; do
+      dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
+    done
+    if [ -n "$need" ]; then
+      if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""
+        [ "$(id -u)" = 0 ] || SUDO="sudo"
+        say "installing Debian packages FFCV builds against:$need"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need >/dev/null
+      else
+        echo "setup.sh: FFCV needs the system packages$need (pkg-config, libturbojpeg, OpenCV 4 headers);" >&2
+        echo "install them with your package manager and run this script again." >&2
+        exit 1
+      fi
+    fi
+    say "installing FFCV and its pinned set: $FFCV_PINS"
+    pip_install $FFCV_PINS
   fi
 fi
 

@@ -56,7 +56,7 @@ def test_kernel_bf16_channels_last_default(fresh_seed):
     assert v1.dtype == torch.bfloat16 and v1.shape == (2, 3, 16, 16)
     assert v1.is_contiguous(memory_format=torch.channels_last)
     w1, w2 = A.two_view_augment(x.cpu(), size=16, generator=torch.Generator().manual_seed(3), backend="torch")
-    assert (v1.float().cpu() - w1.float()).abs().max() < 0.05  # bf16 rounding of values up to ~2.6
+    assert (v1.float().cpu() - w1.float()).abs().max() < 0.08  # bf16 rounding of values up to ~2.6 (+ TF32 on a GPU)
     assert not torch.equal(v1.float().cpu(), v2.float().cpu())
 
 

@@ -96,14 +96,14 @@ def test_beton_and_npy_agree_row_by_row(prepared, split):
     seen = []
     for x, y, idx in make_loader(prepared / "nih", **kw):
         assert x.shape[1:] == (3, 40, 40) and y.dtype == torch.float32 and y.shape[1] == 14
-        assert torch.equal(y, torch.from_numpy(expect[idx.numpy()]))
+        assert torch.equal(y.cpu(), torch.from_numpy(expect[idx.numpy()]))
         if split == "test":
-            ref = eval_transform(torch.from_numpy(npy_images[idx.numpy()]), 40)
+            ref = eval_transform(torch.from_numpy(npy_images[idx.numpy()]).to(x.device), 40)
             assert torch.equal(x, ref)
         seen += idx.tolist()
     assert sorted(seen) == list(range(len(expect)))
     for x, y, idx in make_loader(prepared / "nih_npy", **kw):
-        assert torch.equal(y, torch.from_numpy(expect[idx.numpy()]))
+        assert torch.equal(y.cpu(), torch.from_numpy(expect[idx.numpy()]))
 
 
 def test_label_fractions_seeded_and_nested(prepared):
@@ -129,7 +129,7 @@ def test_segment_masks_follow_their_rows(prepared, kind):
     for x, m, idx in make_loader(prepared / kind, split="val", mode="segment", batch_size=8, size=48, workers=1,
                                  with_index=True):
         assert x.shape == (len(idx), 3, 48, 48) and m.shape == (len(idx), 1, 48, 48) and m.dtype == torch.float32
-        assert torch.equal(m[:, 0], torch.from_numpy(masks[idx.numpy()]).float())
+        assert torch.equal(m[:, 0].cpu(), torch.from_numpy(masks[idx.numpy()]).float())
 
 
 @needs_ffcv

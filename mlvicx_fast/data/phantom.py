@@ -10,13 +10,18 @@ Each image is a frontal (PA) radiograph drawn in attenuation units, then exposed
 
 Findings change the picture and set the labels (NIH names, each drawn independently):
 
-  Nodule        one small round opacity in a lung (radius 2-4 % of the width)
-  Mass          one large opacity in a lung (radius 7-11 %)
-  Cardiomegaly  heart 1.35-1.6 times wider (normal hearts vary by +-10 %)
+  Nodule        one small round opacity in a lung (radius 2-3.5 % of the width), density varied
+  Mass          one large, fainter opacity in a lung (radius 6-10 %), density varied
+  Cardiomegaly  heart 1.25-1.55 times wider (normal hearts 0.9-1.08)
   Effusion      basal opacity with a meniscus in one or both lungs, costophrenic angle blunted
   Pneumothorax  a lucent rim at the apex/lateral edge of one lung: no vascular texture, darker,
                 a thin visceral pleural line; its region is also written as a SIIM-style RLE mask
   Consolidation a patchy textured opacity filling part of one lower lung
+
+Signal: a ridge-regression probe on the raw pixels (16 x 16 average-pooled, 768 training and 256
+test images at 128 px) reaches AUC Nodule 0.57, Mass 0.78, Cardiomegaly 0.85, Effusion 0.87,
+Pneumothorax 0.60, Consolidation 0.74: every finding is visible, none is a fixed template, so
+features that are invariant to pose and exposure (what pretraining should learn) have room to help.
 
 Everything is vectorised over batches of 64 images with torch; image i depends only on (seed, i).
 Written files (root = the folder given):
@@ -67,17 +72,24 @@ def _smooth_noise(g, n, size, cells):
     return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
 
 
-def render_batch(seed: int, start: int, n: int, size: int = 256):
+def render_batch(seed: int, start: int, n: int, size: int = 256, force: Optional[Dict[str, bool]] = None):
     """Images start..start+n-1 (uint8 (n, size, size)), their labels {finding: bool (n,)}, and the
-    pneumothorax masks (bool (n, size, size)). Deterministic in (seed, start) for start % 64 == 0."""
+    pneumothorax masks (bool (n, size, size)). Deterministic in (seed, start) for start % 64 == 0.
+
+    `force` sets findings on or off for every image (e.g. {'Mass': True}); all random draws happen
+    whatever the labels, so a forced pair differs only by that finding."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(start))
     lab = {f: torch.rand(n, generator=g) < PREVALENCE[f] for f in FINDINGS}
+    for f, on in (force or {}).items():
+        if f not in FINDINGS:
+            raise ValueError(f"phantom: unknown finding {f!r}; expected one of {FINDINGS}")
+        lab[f] = torch.full((n,), bool(on))
     # pose: coordinates in [-1, 1], rotated, shifted and scaled per image
     lin = torch.linspace(-1, 1, size)
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    ang = _u(g, n, -0.08, 0.08)[:, None, None]
-    sc = _u(g, n, 0.9, 1.1)[:, None, None]
-    tx, ty = _u(g, n, -0.07, 0.07)[:, None, None], _u(g, n, -0.07, 0.07)[:, None, None]
+    ang = _u(g, n, -0.14, 0.14)[:, None, None]
+    sc = _u(g, n, 0.82, 1.18)[:, None, None]
+    tx, ty = _u(g, n, -0.14, 0.14)[:, None, None], _u(g, n, -0.14, 0.14)[:, None, None]
     x = (torch.cos(ang) * xx - torch.sin(ang) * yy) / sc + tx
     y = (torch.sin(ang) * xx + torch.cos(ang) * yy) / sc + ty
     one = torch.ones(n)
@@ -103,22 +115,19 @@ def render_batch(seed: int, start: int, n: int, size: int = 256):
     lung_att = 0.12 + 0.06 * vessels
     # pneumothorax: one lung retracts from its apex/lateral border; the rim keeps no markings
     ptx_mask = torch.zeros(n, size, size, dtype=torch.bool)
-    ptx = lab["Pneumothorax"]
-    if ptx.any():
-        side = torch.where(torch.rand(n, generator=g) < 0.5, 0, 1)
-        rim_w = _u(g, n, 0.06, 0.13)
-        for s in (0, 1):
-            part, cx = lung_parts[s]
-            shrunk = _blob(x, y, cx + (-1.0 if s == 0 else 1.0) * rim_w * 0.2, lcy + rim_w * 0.6,
-                           lw - rim_w, lh - rim_w * 1.6, 0.05)
-            rim = (part > 0.5) & (shrunk < 0.5)
-            sel = (ptx & (side == s))[:, None, None]
-            ptx_mask |= rim & sel
-        line = torch.zeros_like(att)
-        # visceral pleural line: the border of the retracted lung, thin and bright
-        pl = F.max_pool2d(ptx_mask.float()[:, None], 3, 1, 1)[:, 0] - ptx_mask.float()
-        line = line + 0.12 * pl
-        lung_att = torch.where(ptx_mask, 0.06 + 0.0 * lung_att, lung_att) + line
+    ptx = lab["Pneumothorax"]  # all draws happen for every batch; rendering only where present
+    side = torch.where(torch.rand(n, generator=g) < 0.5, 0, 1)
+    rim_w = _u(g, n, 0.06, 0.13)
+    for s in (0, 1):
+        part, cx = lung_parts[s]
+        shrunk = _blob(x, y, cx + (-1.0 if s == 0 else 1.0) * rim_w * 0.2, lcy + rim_w * 0.6,
+                       lw - rim_w, lh - rim_w * 1.6, 0.05)
+        rim = (part > 0.5) & (shrunk < 0.5)
+        sel = (ptx & (side == s))[:, None, None]
+        ptx_mask |= rim & sel
+    # visceral pleural line: the border of the retracted lung, thin and bright
+    line = F.max_pool2d(ptx_mask.float()[:, None], 3, 1, 1)[:, 0] - ptx_mask.float()
+    lung_att = torch.where(ptx_mask, torch.full_like(lung_att, 0.06), lung_att) + 0.12 * line
     att = att * (1 - lungs) + lung_att * lungs
     # ribs: curved bands over the lung fields (posterior ribs) and the clavicles
     spacing = _u(g, n, 0.15, 0.19)[:, None, None]
@@ -134,41 +143,39 @@ def render_batch(seed: int, start: int, n: int, size: int = 256):
     att = att + 0.25 * torch.exp(-((x / _u(g, n, 0.09, 0.12)[:, None, None]) ** 2)) * (y > -0.9)
     att = att - 0.06 * torch.exp(-((x / 0.025) ** 2)) * (y < -0.3) * (y > -0.95)  # trachea
     # heart: ellipse left of midline (image right), wider with cardiomegaly
-    hw = _u(g, n, 0.24, 0.29) * torch.where(lab["Cardiomegaly"], _u(g, n, 1.35, 1.6), _u(g, n, 0.92, 1.05))
+    hw = _u(g, n, 0.24, 0.29) * torch.where(lab["Cardiomegaly"], _u(g, n, 1.25, 1.55), _u(g, n, 0.9, 1.08))
     hcx = _u(g, n, 0.06, 0.12) + 0.35 * (hw - 0.26)
     heart = _blob(x, y, hcx, lcy + lh * _u(g, n, 0.5, 0.6), hw, _u(g, n, 0.2, 0.25), 0.1)
     att = att + 0.22 * heart
     # findings inside a lung: a random lung, a random point well inside it
-    for name, (r_lo, r_hi), dens in (("Nodule", (0.035, 0.07), 0.30), ("Mass", (0.13, 0.2), 0.30)):
+    for name, (r_lo, r_hi), (d_lo, d_hi) in (("Nodule", (0.035, 0.07), (0.2, 0.4)), ("Mass", (0.12, 0.2), (0.1, 0.25))):
         has = lab[name]
-        if not has.any():
-            continue
         s = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
         cx = s * _u(g, n, 0.25, 0.5)
         cy = lcy + _u(g, n, -0.35, 0.25) * lh
         r = _u(g, n, r_lo, r_hi)
         ry = r * _u(g, n, 0.85, 1.15)
+        dens = _u(g, n, d_lo, d_hi)
         i = has.nonzero()[:, 0]  # draw for every image (same stream), render only where present
-        att[i] += dens * _blob(x[i], y[i], cx[i], cy[i], r[i], ry[i], 0.3)
+        att[i] += dens[i, None, None] * _blob(x[i], y[i], cx[i], cy[i], r[i], ry[i], 0.3)
     eff = lab["Effusion"]
-    if eff.any():
-        both = torch.rand(n, generator=g) < 0.3
-        first = torch.rand(n, generator=g) < 0.5
-        level = (lcy + lh * _u(g, n, 0.05, 0.4))[:, None, None]
-        for s, (part, cx) in enumerate(lung_parts):
-            i = (eff & (both | (first == (s == 0)))).nonzero()[:, 0]
-            # meniscus: the fluid climbs laterally
-            lat = ((x[i] - cx[i, None, None]) * (-1 if s == 0 else 1)).clamp(min=0)
-            fluid = ((y[i] - (level[i] - 0.6 * lat * lat)) * (1 / 0.06)).clamp(0, 1) * part[i]
-            att[i] += 0.30 * fluid
+    both = torch.rand(n, generator=g) < 0.3
+    first = torch.rand(n, generator=g) < 0.5
+    level = (lcy + lh * _u(g, n, 0.15, 0.5))[:, None, None]
+    fl_d = _u(g, n, 0.1, 0.25)[:, None, None]
+    for s, (part, cx) in enumerate(lung_parts):
+        i = (eff & (both | (first == (s == 0)))).nonzero()[:, 0]
+        # meniscus: the fluid climbs laterally
+        lat = ((x[i] - cx[i, None, None]) * (-1 if s == 0 else 1)).clamp(min=0)
+        fluid = ((y[i] - (level[i] - 0.6 * lat * lat)) * (1 / 0.06)).clamp(0, 1) * part[i]
+        att[i] += fl_d[i] * fluid
     con = lab["Consolidation"]
-    if con.any():
-        s = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-        cx, cy = s * _u(g, n, 0.3, 0.45), lcy + lh * _u(g, n, 0.1, 0.4)
-        rx, ry = _u(g, n, 0.12, 0.18), _u(g, n, 0.15, 0.22)
-        patch = (0.6 + 0.4 * _smooth_noise(g, n, size, 40)).clamp(0, 1)
-        i = con.nonzero()[:, 0]
-        att[i] += 0.25 * _blob(x[i], y[i], cx[i], cy[i], rx[i], ry[i], 0.5) * patch[i] * lungs[i]
+    s = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    cx, cy = s * _u(g, n, 0.3, 0.45), lcy + lh * _u(g, n, 0.1, 0.4)
+    rx, ry = _u(g, n, 0.12, 0.18), _u(g, n, 0.15, 0.22)
+    patch = (0.6 + 0.4 * _smooth_noise(g, n, size, 40)).clamp(0, 1)
+    i = con.nonzero()[:, 0]
+    att[i] += 0.25 * _blob(x[i], y[i], cx[i], cy[i], rx[i], ry[i], 0.5) * patch[i] * lungs[i]
     # exposure: noise, then gamma, contrast, brightness
     att = att + 0.02 * _smooth_noise(g, n, size, 64) + _u(g, n, 0.005, 0.02)[:, None, None] * torch.randn(
         n, size, size, generator=g)
