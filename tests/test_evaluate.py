@@ -169,10 +169,14 @@ def test_label_subsets_are_the_loaders_label_fractions():
 
 def test_grad_cam_of_a_linear_head_is_the_class_activation_map():
     model = ev.Classifier(ResNet18(), 3).eval()
+    with torch.no_grad():  # class 2 sees every (non-negative) feature positively, class 1 negatively
+        model.fc.weight[2].abs_()
+        model.fc.weight[1] = -model.fc.weight[2]
     x = torch.randn(1, 3, SIZE, SIZE)
-    cams, probs = ev.grad_cam(model, x, [0, 2])
-    assert cams.shape == (2, SIZE, SIZE) and probs.shape == (3,)
-    assert float(cams.min()) >= 0 and float(cams.max()) <= 1 + 1e-6
+    cams, probs = ev.grad_cam(model, x, [0, 1, 2])
+    assert cams.shape == (3, SIZE, SIZE) and probs.shape == (3,)
+    assert float(cams.min()) >= 0 and float(cams.max()) <= 1 + 1e-6 and not cams.isnan().any()
+    assert float(cams[1].abs().max()) == 0.0  # nothing speaks for class 1: an empty map, not NaN
     # for fc on average pooling, Grad-CAM weights are fc.weight[k] / (h w): the CAM of Zhou et al.
     with torch.no_grad():
         a = model.last_map(x)
@@ -180,7 +184,8 @@ def test_grad_cam_of_a_linear_head_is_the_class_activation_map():
         cam = torch.nn.functional.interpolate(cam[None, None], size=(SIZE, SIZE), mode="bilinear",
                                               align_corners=False)[0, 0]
         cam = cam / cam.max()
-    assert torch.allclose(cams[1], cam, atol=1e-5)
+    assert float(cams[2].max()) == pytest.approx(1.0)
+    assert torch.allclose(cams[2], cam, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
