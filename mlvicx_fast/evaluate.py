@@ -440,6 +440,9 @@ def _predict(forward: Callable[[np.ndarray], torch.Tensor], n: int, batch: int) 
 
 
 def _score_cls(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], binary: bool) -> Dict:
+    if not np.isfinite(probs).all():  # a run that diverged from its first epoch: no score, not a crash
+        return {"per_class_auc": {c: None for c in classes}, "mean_auc": None, "defined_classes": 0,
+                "accuracy": None, "diverged": True}
     table = auc_table(labels, probs, classes)
     out = {"per_class_auc": table["per_class"], "mean_auc": table["mean"], "defined_classes": table["defined"]}
     out["accuracy"] = accuracy(labels, probs) if binary else None
@@ -478,10 +481,13 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
             seen += len(targets)
         model.eval()
         probs = _predict(lambda i: model(prepare(val_x, i)), len(val_y), eval_batch)
-        val = auc_table(val_y, probs, classes)
-        val_loss = float(F.binary_cross_entropy(torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7),
-                                                torch.from_numpy(np.asarray(val_y, dtype=np.float64))))
-        score = val["mean"] if val["mean"] is not None else -val_loss  # no defined class: lower loss is better
+        if np.isfinite(probs).all():
+            val = auc_table(val_y, probs, classes)
+            val_loss = float(F.binary_cross_entropy(torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7),
+                                                    torch.from_numpy(np.asarray(val_y, dtype=np.float64))))
+            score = val["mean"] if val["mean"] is not None else -val_loss  # no defined class: lower loss is better
+        else:  # diverged (NaN outputs): never the best epoch
+            val, val_loss, score = {"mean": None}, None, None
         if stopper.step(score):
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss,
@@ -991,7 +997,10 @@ def plot_results(results: Dict, path: PathLike) -> Path:
     ax.set_ylabel({"mean_auc": "mean AUC", "accuracy": "accuracy", "dice": "Dice"}.get(results["metric"], "score"))
     ax.set_title(f"{results.get('dataset', '?')} {results['task']}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no run has a score", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -290,6 +290,14 @@ def test_finetune_with_the_loaders_augmentation(tmp_path, phantom, run_folder):
     assert run["mean_auc"] is not None
 
 
+def test_a_diverging_run_is_scored_undefined_not_a_crash(tmp_path, phantom, run_folder):
+    res = ev.run_cls(phantom / "nih", ["random"], fractions=(100,), seeds=(0,), epochs=2, lr=float("inf"),
+                     out=tmp_path / "nan", progress=False, log=lambda s: None)
+    (run,) = res["runs"]
+    assert run["diverged"] and run["score"] is None and run["best_epoch"] is None and run["epochs_run"] == 2
+    assert "| Random init | — |" in (tmp_path / "nan" / "table.md").read_text()
+
+
 def test_seg_end_to_end(tmp_path, phantom, run_folder):
     res = ev.run_seg(phantom / "siim", {"MLVICX": str(run_folder / "final.pt"), "Random init": "random"},
                      protocols=("frozen", "finetune"), fractions=(30, 100), seeds=(0,), epochs=1, batch=8,
