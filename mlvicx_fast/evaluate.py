@@ -23,8 +23,8 @@ Choices made here (the paper leaves them open):
   NIH default is 1e-3. Segmentation: batch 32, lr 3e-4, loss BCE + soft Dice.
 * Label subsets: the first ``round(fraction * n_train)`` rows of a permutation drawn by
   ``numpy.random.default_rng(seed)`` (nested across fractions, as the data loader's); the same
-  subset for every method at a given seed, so runs pair up for the t-test. The seed also initialises the head (and a random-init encoder) and
-  shuffles the batches.
+  subset for every method at a given seed, so runs pair up for the t-test. The seed also
+  initialises the head (and a random-init encoder) and shuffles the batches.
 * RSNA (one binary label): AUC drives early stopping; the run's score is test accuracy at 0.5.
   SIIM-ACR as prepared has train and val only: the Dice reported is that of the best epoch on val
   (the paper's protocol); when a test split with masks exists, the best epoch is scored there.
@@ -111,7 +111,8 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _strip_prefix(sd: Mapping[str, torch.Tensor], prefixes=("module.", "backbone.", "encoder.")) -> Dict[str, torch.Tensor]:
+def _strip_prefix(sd: Mapping[str, torch.Tensor],
+                  prefixes=("module.", "backbone.", "encoder.")) -> Dict[str, torch.Tensor]:
     """Drop a wrapper prefix shared by every key (DataParallel's 'module.', a 'backbone.' holder)."""
     sd = dict(sd)
     changed = True
@@ -214,15 +215,17 @@ def _load_encoder(path: PathLike, with_context: bool, in_chans: Optional[int], b
     if isinstance(obj, Mapping) and "state_dict" in obj and _is_state_dict(obj["state_dict"]):
         obj = obj["state_dict"]
     if not _is_state_dict(obj):
+        found = type(obj).__name__ + (f" with keys {list(obj)[:5]}" if isinstance(obj, Mapping) else "")
         raise EvaluationError(f"{name}: neither an 'mlvicx-pretrain' checkpoint nor a ResNet18 state_dict "
-                              f"(found {type(obj).__name__}{' with keys ' + str(list(obj)[:5]) if isinstance(obj, Mapping) else ''})")
+                              f"(found {found})")
     if with_context:
         raise EvaluationError(f"{name} is a plain ResNet18 state_dict: it has no context blocks (with_context=True "
                               "needs an MLVICX pretraining checkpoint)")
     sd = _strip_prefix(obj)
     if any(k.startswith("context.") for k in sd) and any(k.startswith("backbone.") for k in sd):
         raise EvaluationError(f"{name} looks like a bare MLVICX state_dict: save it as a pretraining checkpoint "
-                              "(a dict with kind 'mlvicx-pretrain', 'model' and 'model_args') so the network can be rebuilt")
+                              "(a dict with kind 'mlvicx-pretrain', 'model' and 'model_args') so the network "
+                              "can be rebuilt")
     stem = sd.get("conv1.weight")
     chans = in_chans or (int(stem.shape[1]) if stem is not None and stem.dim() == 4 and stem.shape[1] in (1, 3) else 3)
     encoder = ResNet18(in_chans=chans)
@@ -295,9 +298,11 @@ class PreparedData:
                                     "of python -m mlvicx_fast.data.prepare)")
         meta = self.folder / "meta.json"
         if not meta.is_file():
-            hint = [p.name for p in self.folder.iterdir() if (p / "meta.json").is_file()] if self.folder.is_dir() else []
+            hint = sorted(p.name for p in self.folder.iterdir() if (p / "meta.json").is_file()) \
+                if self.folder.is_dir() else []
             raise EvaluationError(f"{str(self.folder)!r} has no meta.json: expected the --out folder of python -m "
-                                  "mlvicx_fast.data.prepare" + (f" (did you mean one of {sorted(hint)} inside it?)" if hint else ""))
+                                  "mlvicx_fast.data.prepare"
+                                  + (f" (did you mean one of {hint} inside it?)" if hint else ""))
         with open(meta) as f:
             self.meta = json.load(f)
         self.dataset: str = self.meta["dataset"]
@@ -492,7 +497,8 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss,
                         "val_mean_auc": val["mean"]})
-        bar.set_postfix(loss=f"{total / max(seen, 1):.3f}", val_auc="—" if val["mean"] is None else f"{val['mean']:.3f}")
+        bar.set_postfix(loss=f"{total / max(seen, 1):.3f}",
+                        val_auc="—" if val["mean"] is None else f"{val['mean']:.3f}")
         if stopper.stop:
             break
     bar.close()
@@ -511,9 +517,12 @@ def _method_name(spec: str) -> Tuple[str, str]:
     if spec == RANDOM:
         return RANDOM_NAME, RANDOM
     p = Path(spec)
-    name = p.parent.name if p.name in ("final.pt",) or re.match(r"ckpt-\d+\.pt$", p.name) else p.stem if p.is_file() else p.name
-    if p.parent.name == "checkpoints":
+    if p.parent.name == "checkpoints":  # RUN/checkpoints/ckpt-*.pt -> RUN
         name = p.parent.parent.name
+    elif p.name == "final.pt" or re.match(r"ckpt-\d+\.pt$", p.name):  # RUN/final.pt -> RUN
+        name = p.parent.name
+    else:  # a run folder, or another file: its name without the suffix
+        name = p.stem if p.is_file() else p.name
     return name or spec, spec
 
 
@@ -523,7 +532,8 @@ def _normalise_methods(methods) -> List[Tuple[str, str]]:
     else:
         pairs = [_method_name(str(m)) for m in methods]
     if not pairs:
-        raise EvaluationError("no method to evaluate: give at least one --ckpt (a checkpoint, a run folder or 'random')")
+        raise EvaluationError("no method to evaluate: give at least one --ckpt (a checkpoint, a run folder "
+                              "or 'random')")
     names = [n for n, _ in pairs]
     if len(set(names)) != len(names):
         raise EvaluationError(f"method names must differ, got {names}; name them with NAME=PATH")
@@ -626,11 +636,11 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
                         for p in model.encoder.parameters():
                             p.requires_grad_(False)
                         if source == RANDOM:  # this seed's own random encoder: its features now
-                            feats = {"val": extract_features(model.encoder, val["images"], np.arange(len(val["labels"])),
-                                                             chans, dev, 2 * bs, size),
-                                     "test": extract_features(model.encoder, test["images"],
-                                                              np.arange(len(test["labels"])), chans, dev, 2 * bs, size)}
-                            train_feats = extract_features(model.encoder, train["images"], rows, chans, dev, 2 * bs, size)
+                            feats = {k: extract_features(model.encoder, d["images"], np.arange(len(d["labels"])),
+                                                         chans, dev, 2 * bs, size)
+                                     for k, d in (("val", val), ("test", test))}
+                            train_feats = extract_features(model.encoder, train["images"], rows, chans, dev, 2 * bs,
+                                                           size)
                         else:
                             feats = cache
                             train_feats = cache["train"][rows]
@@ -667,7 +677,9 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
                            "score": scores["accuracy"] if binary else scores["mean_auc"], **scores,
                            "eval_split": test_split, "best_epoch": hist["best_epoch"], "epochs_run": hist["epochs_run"],
                            "val_best": hist["best_val"], "history": hist["history"],
-                           "seconds": round(time.perf_counter() - t0 + cache.get("seconds", 0.0) / max(1, len(subsets)), 2)}
+                           # the features' time shared out over the runs that use them
+                           "seconds": round(time.perf_counter() - t0
+                                            + cache.get("seconds", 0.0) / max(1, len(subsets)), 2)}
                     if save_models and out_dir is not None:
                         path = out_dir / "models" / f"{_slug(name)}-{protocol}-{fraction:g}pct-seed{seed}.pt"
                         save_classifier(path, model, info, classes, prepared, protocol, fraction, seed, with_context,
@@ -851,7 +863,8 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
                     stopper = EarlyStopping(patience)
                     best_state, history = None, []
                     desc = f"{name} {protocol} {fraction:g}% seed {seed}"
-                    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False, file=sys.stderr)
+                    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False,
+                               file=sys.stderr)
                     for epoch in bar:
                         model.train()
                         total, seen = 0.0, 0
@@ -919,6 +932,11 @@ def _rows_of(results: Dict) -> List[Tuple[str, str]]:
     return seen
 
 
+def _runs_of(results: Dict, method: str, protocol: str, fraction: float) -> List[Dict]:
+    key = (method, protocol, float(fraction))
+    return [r for r in results["runs"] if (r["method"], r["protocol"], float(r["fraction"])) == key]
+
+
 def _fractions_of(results: Dict) -> List[float]:
     return sorted({float(r["fraction"]) for r in results["runs"]})
 
@@ -935,8 +953,9 @@ def format_table(results: Dict) -> str:
     several = len({p for _, p in rows}) > 1
     fractions = _fractions_of(results)
     metric = results.get("metric", "score")
-    lines = [f"# {results.get('dataset', '?').upper()} — {results['task']} ({results['config'].get('test_split', 'test')} "
-             f"split; mean ± std over seeds)", ""]
+    split = results["config"].get("test_split", "test")
+    title = f"{results.get('dataset', '?').upper()} — {results['task']} ({split} split; mean ± std over seeds)"
+    lines = [f"# {title}", ""]
     if results["task"] == "cls":
         classes = results["classes"]
         binary = metric == "accuracy"
@@ -946,7 +965,7 @@ def format_table(results: Dict) -> str:
             head = ["Method"] + list(classes) + ["Mean AUC"] + (["Accuracy"] if binary else [])
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for method, protocol in rows:
-                runs = [r for r in results["runs"] if (r["method"], r["protocol"], r["fraction"]) == (method, protocol, f)]
+                runs = _runs_of(results, method, protocol, f)
                 if not runs:
                     continue
                 cells = [_label(method, protocol, several)]
@@ -963,8 +982,7 @@ def format_table(results: Dict) -> str:
     for method, protocol in rows:
         cells = [_label(method, protocol, several)]
         for f in fractions:
-            cells.append(mean_std_cell([r["score"] for r in results["runs"]
-                                        if (r["method"], r["protocol"], r["fraction"]) == (method, protocol, f)]))
+            cells.append(mean_std_cell([r["score"] for r in _runs_of(results, method, protocol, f)]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -981,8 +999,7 @@ def plot_results(results: Dict, path: PathLike) -> Path:
     for method, protocol in _rows_of(results):
         xs, ys, es = [], [], []
         for f in _fractions_of(results):
-            v = [r["score"] for r in results["runs"] if (r["method"], r["protocol"], r["fraction"]) == (method, protocol, f)
-                 and r["score"] is not None]
+            v = [r["score"] for r in _runs_of(results, method, protocol, f) if r["score"] is not None]
             if v:
                 xs.append(f)
                 ys.append(float(np.mean(v)))
@@ -1333,7 +1350,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"label fractions in percent (default {' '.join(f'{f:g}' for f in fractions)})")
         s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per setting (default 0 1 2)")
         s.add_argument("--with-context", action="store_true", help="keep MLVICX's context blocks in the encoder")
-        s.add_argument("--in-chans", type=int, choices=(1, 3), default=None, help="stem channels (default: checkpoint's)")
+        s.add_argument("--in-chans", type=int, choices=(1, 3), default=None,
+                       help="stem channels (default: the checkpoint's)")
         s.add_argument("--batch", type=int, default=None, help="batch size (default: the paper's for the dataset)")
         s.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's for the dataset)")
         s.add_argument("--epochs", type=int, default=100, help="at most this many epochs (default 100)")

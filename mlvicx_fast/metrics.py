@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["auc_table", "accuracy", "dice_per_image", "dice", "dice_pooled", "EarlyStopping", "paired_ttest", "mean_or_none"]
+__all__ = ["auc_table", "accuracy", "dice_per_image", "dice", "dice_pooled", "EarlyStopping", "paired_ttest",
+           "mean_or_none", "mean_std_cell"]
 
 
 def mean_or_none(values) -> Optional[float]:

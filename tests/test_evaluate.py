@@ -109,7 +109,8 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     bad = ResNet18().state_dict()
     bad["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(ev.EvaluationError, match=r"1 shape mismatches .*layer1.0.conv1.weight: checkpoint \(64, 64, 1, 1\)"):
+    with pytest.raises(ev.EvaluationError,
+                       match=r"1 shape mismatches .*layer1.0.conv1.weight: checkpoint \(64, 64, 1, 1\)"):
         ev.load_pretrained_encoder(tmp_path / "bad.pth")
     torch.save(MLVICX(**ARGS, backend="torch").state_dict(), tmp_path / "bare.pth")
     with pytest.raises(ev.EvaluationError, match="bare MLVICX state_dict"):
@@ -227,8 +228,9 @@ def test_cls_end_to_end_compare_and_heatmap(tmp_path, phantom, run_folder, capsy
     cmp = json.loads((tmp_path / "cmp.json").read_text())
     assert len(cmp["settings"]) == 4
     for s in cmp["settings"]:
-        a = [r["score"] for r in res["runs"] if (r["method"], r["protocol"], r["fraction"]) == ("MLVICX", s["protocol"], s["fraction"])]
-        b = [r["score"] for r in res["runs"] if (r["method"], r["protocol"], r["fraction"]) == ("Random init", s["protocol"], s["fraction"])]
+        a = [r["score"] for r in ev._runs_of(res, "MLVICX", s["protocol"], s["fraction"])]
+        b = [r["score"] for r in ev._runs_of(res, "Random init", s["protocol"], s["fraction"])]
+        assert len(a) == len(b) == 2
         assert s["n"] == 2 and s["mean_diff"] == pytest.approx(np.mean(a) - np.mean(b))
         assert s["p"] == pytest.approx(ttest_rel(a, b).pvalue)
     assert ev.main(["compare", str(out), str(out)]) == 2
