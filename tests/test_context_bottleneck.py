@@ -126,3 +126,32 @@ def test_bad_inputs(backend):
         context_bottleneck(x, block.mlp[0].weight, block.mlp[2].weight, block.spatial.weight, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         ContextBottleneck(8, backend="fast")
+
+
+@pytest.mark.triton
+def test_bf16_input_with_float32_weights_both_backends():
+    """The network's case (bf16 activations, fp32 parameters): the reference casts the weights
+    as autocast would, the fused op computes the gates in float32; both stay close."""
+    block = ContextBottleneck(16).to(TRITON_DEVICE)
+    x = torch.randn(2, 16, 10, 9, device=TRITON_DEVICE, dtype=torch.bfloat16)
+    block.backend = "torch"
+    ref = block(x)
+    block.backend = "triton"
+    out = block(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.triton
+def test_fp16_and_strided_input():
+    """float16, and an input that is neither NCHW- nor channels_last-contiguous (copied to NCHW)."""
+    x, w1, w2, ws = make_inputs((2, 12, 9, 14), torch.float16, False)
+    out, out_ref, grads, grads_ref = run_both(x, w1, w2, ws)
+    tol_x, tol_w = TOL[torch.float16]
+    assert out.dtype == torch.float16 and rel_err(out, out_ref) < tol_x
+    assert rel_err(grads[0], grads_ref[0]) < tol_x
+    assert all(rel_err(g, r) < tol_w for g, r in zip(grads[1:], grads_ref[1:]))
+    strided = make_inputs((2, 12, 9, 28), torch.float32, False)[0][..., ::2]
+    assert not strided.is_contiguous() and not strided.is_contiguous(memory_format=torch.channels_last)
+    out, out_ref, grads, grads_ref = run_both(strided, w1, w2, ws)
+    assert rel_err(out, out_ref) < 2e-5 and rel_err(grads[0], grads_ref[0]) < 2e-5

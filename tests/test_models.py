@@ -134,11 +134,14 @@ def test_fused_backend_matches_reference():
     else:
         pytest.fail("ReLU signs differed between the fused and the reference network in 8 draws")
     assert rel_err(z, z_ref) < 1e-4 and rel_err(m, m_ref) < 1e-4
+    # biases whose output only ever reaches a BatchNorm (which removes any constant shift): their
+    # gradient is zero in exact arithmetic and rounding noise (about 1e-8 of the total) here
+    before_bn = {f"aggregation.proj.{i}.bias" for i in range(5)} | {
+        f"{head}.{j}.bias" for head in ("global_expander", "multilevel_expander") for j in (0, 3)}
     total = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        if q.grad.norm() < 1e-7 * total:
-            # a bias in front of a BatchNorm: zero gradient in exact arithmetic, rounding noise here
-            assert p.grad.norm() < 1e-5 * total, name
+        if name in before_bn:
+            assert p.grad.norm() < 1e-6 * total and q.grad.norm() < 1e-6 * total, name
         else:
             assert rel_err(p.grad, q.grad) < 1e-3, name
 

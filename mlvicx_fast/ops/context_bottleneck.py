@@ -473,7 +473,10 @@ _cb_fwd.register_autograd(_backward, setup_context=_setup_context)
 def context_bottleneck_reference(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ws: torch.Tensor,
 ) -> torch.Tensor:
-    """The block as the official code writes it (ChannelAttention, then SpatialAttention)."""
+    """The block as the official code writes it (ChannelAttention, then SpatialAttention).
+    Weights of another dtype than x are cast to x's dtype first (what autocast does)."""
+    w1, w2, ws = (w if w.dtype == x.dtype else w.to(x.dtype) for w in (w1, w2, ws))
+
     def mlp(v):
         return F.conv2d(F.relu(F.conv2d(v, w1)), w2)
 

@@ -1,0 +1,128 @@
+"""Timing, bandwidth and memory helpers for bench_context.py and bench_network.py.
+
+Same names and meaning as benchmarks/common.py on the main branch (bench, peak_extra_mib,
+write_results), plus the copy-bandwidth ceiling and the saved-for-backward byte count; kept in
+this file until the two are merged. Times are medians in milliseconds: on CUDA from
+triton.testing.do_bench (CUDA events, quantiles 0.5/0.2/0.8), on the CPU from a perf_counter loop.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(fn: Callable[[], None], device: str, warmup: int = 2, reps: int = 5,
+          max_seconds: float = 5.0, warmup_ms: int = 25, rep_ms: int = 100) -> Dict[str, float]:
+    """Median / p20 / p80 time of fn() in milliseconds. On CUDA, warmup_ms and rep_ms are
+    do_bench's warm-up and measuring windows (raise them for calls of tens of ms)."""
+    if device == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": med, "ms_p20": p20, "ms_p80": p80}
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 2 or time.perf_counter() - start < max_seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return {"ms": statistics.median(times), "ms_p20": q(0.2), "ms_p80": q(0.8)}
+
+
+def copy_bandwidth_gbs(device: str, mib: int = 512) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second, in GB/s."""
+    n = mib * 2**20 // 4
+    src = torch.empty(n, device=device, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device)["ms"]
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def peak_extra_mib(fn: Callable[[], None], device: str) -> Optional[float]:
+    """Peak CUDA memory allocated during fn() above what was allocated before (MiB); None on CPU."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def saved_for_backward_bytes(fn: Callable[[], object], exclude=()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn() runs, leaving out
+    the storages of the tensors in exclude (parameters: saved by reference, no extra memory)."""
+    storages: Dict[int, int] = {}
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in skip:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def markdown_table(rows: List[dict], columns: List[str]) -> str:
+    def fmt(v):
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: List[dict], columns: List[str], meta: dict, out_dir: Path = OUT_DIR) -> str:
+    """Write rows as CSV, JSON (with meta) and a markdown table; return the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with open(out_dir / f"{name}.json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+    md = markdown_table(rows, columns)
+    header = "\n".join(f"- {k}: {v}" for k, v in meta.items())
+    (out_dir / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{md}\n")
+    return md
