@@ -112,8 +112,9 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _strip_prefix(sd: Mapping[str, torch.Tensor],
-                  prefixes=("module.", "backbone.", "encoder.")) -> Dict[str, torch.Tensor]:
-    """Drop a wrapper prefix shared by every key (DataParallel's 'module.', a 'backbone.' holder)."""
+                  prefixes=("module.", "_orig_mod.", "backbone.", "encoder.")) -> Dict[str, torch.Tensor]:
+    """Drop wrapper prefixes shared by every key (DataParallel's 'module.', torch.compile's
+    '_orig_mod.', a 'backbone.' holder)."""
     sd = dict(sd)
     changed = True
     while changed:
@@ -164,7 +165,8 @@ def load_pretrained_encoder(path: PathLike, with_context: bool = False, in_chans
     path: an MLVICX pretraining checkpoint (``kind: 'mlvicx-pretrain'``, ``model``, ``model_args``),
     a run folder (its final.pt, else its newest checkpoints/ckpt-*.pt), or a plain ResNet18
     state_dict with torchvision names (ImageNet or other weights; 'fc.*' is ignored, a 'module.'
-    or 'backbone.' prefix is stripped). with_context: keep MLVICX's five context blocks inline
+    or 'backbone.' prefix is stripped). A 'module.' (DDP) or '_orig_mod.' (torch.compile) prefix
+    on the MLVICX weights is stripped too. with_context: keep MLVICX's five context blocks inline
     (only for MLVICX checkpoints). in_chans: 1 or 3 to change the stem (default: the checkpoint's).
     backend: context-block backend ('auto', 'torch', 'triton').
 
@@ -196,7 +198,7 @@ def _load_encoder(path: PathLike, with_context: bool, in_chans: Optional[int], b
             model = MLVICX(**args, backend=backend)
         except TypeError as e:
             raise EvaluationError(f"{name}: model_args {args} do not build MLVICX: {e}") from None
-        sd = _strip_prefix(obj["model"], ("module.",))
+        sd = _strip_prefix(obj["model"], ("module.", "_orig_mod."))
         if not _is_state_dict(sd):
             raise EvaluationError(f"{name}: its 'model' entry is not a state_dict of tensors")
         misfit = _mismatch(model, sd)

@@ -65,6 +65,11 @@ def test_encoder_from_pretraining_checkpoint_file_and_run_folder(tmp_path):
     assert ev.resolve_checkpoint(tmp_path / "run").name == "ckpt-00000010.pt"
     enc = ev.load_pretrained_encoder(tmp_path / "run")
     assert torch.equal(enc.conv1.weight, newest.backbone.conv1.weight)
+    # weights saved from a DDP-wrapped, compiled network
+    model2 = MLVICX(**ARGS, backend="torch")
+    torch.save({"kind": "mlvicx-pretrain", "model": {f"module._orig_mod.{k}": v for k, v in model2.state_dict().items()},
+                "model_args": dict(ARGS)}, tmp_path / "ddp.pt")
+    assert torch.equal(ev.load_pretrained_encoder(tmp_path / "ddp.pt").conv1.weight, model2.backbone.conv1.weight)
     final = pretrain_checkpoint(tmp_path / "run" / "final.pt")
     assert torch.equal(ev.load_pretrained_encoder(tmp_path / "run").conv1.weight, final.backbone.conv1.weight)
     # a one-channel stem from a three-channel checkpoint: same features on a gray image
