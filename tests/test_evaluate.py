@@ -1,0 +1,334 @@
+"""python -m mlvicx_fast.evaluate: encoder loading and its errors, label subsets, Grad-CAM, and tiny
+end-to-end cls / seg / compare / heatmap runs on a phantom set prepared once per session."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import ttest_rel
+
+from mlvicx_fast import evaluate as ev
+from mlvicx_fast.data.phantom import write_phantom
+from mlvicx_fast.data.prepare import prepare
+from mlvicx_fast.models.mlvicx import MLVICX
+from mlvicx_fast.models.resnet import ResNet18
+
+SIZE = 64
+ARGS = {"preset": "paper", "in_chans": 3, "dim": 32, "final_bn": False}
+
+
+@pytest.fixture(scope="session")
+def phantom(tmp_path_factory):
+    """A tiny phantom set (NIH layout) prepared as npy: nih/ (14 classes) and siim/ (masks)."""
+    root = tmp_path_factory.mktemp("phantom")
+    write_phantom(root / "raw", n=96, seed=0, size=SIZE, workers=1)
+    for name in ("nih", "siim"):
+        prepare(name, root / "raw", root / name, size=SIZE, fmt="npy", workers=1, progress=False)
+    return root
+
+
+def pretrain_checkpoint(path, model=None, **extra):
+    model = model or MLVICX(**ARGS, backend="torch")
+    state = {"kind": "mlvicx-pretrain", "model": model.state_dict(), "model_args": dict(ARGS), "config": {},
+             "step": 3, "epoch": 1, **extra}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def run_folder(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    pretrain_checkpoint(run / "checkpoints" / "ckpt-00000003.pt")
+    torch.manual_seed(1)
+    pretrain_checkpoint(run / "final.pt")
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# load_pretrained_encoder
+# ------------------------------------------------------------------------------------------------
+def test_encoder_from_pretraining_checkpoint_file_and_run_folder(tmp_path):
+    model = pretrain_checkpoint(tmp_path / "a.pt").eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    plain = ev.load_pretrained_encoder(tmp_path / "a.pt").eval()
+    ctx = ev.load_pretrained_encoder(str(tmp_path / "a.pt"), with_context=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model.encoder(False)(x), atol=1e-6)
+        assert torch.allclose(ctx(x), model.encoder(True)(x), atol=1e-6)
+        assert len(ctx.forward_taps(x)) == 5
+    # a run folder: final.pt first, else the newest step checkpoint
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    pretrain_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000001.pt")
+    newest = pretrain_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt-00000010.pt")
+    assert ev.resolve_checkpoint(tmp_path / "run").name == "ckpt-00000010.pt"
+    enc = ev.load_pretrained_encoder(tmp_path / "run")
+    assert torch.equal(enc.conv1.weight, newest.backbone.conv1.weight)
+    # weights saved from a DDP-wrapped, compiled network
+    model2 = MLVICX(**ARGS, backend="torch")
+    torch.save({"kind": "mlvicx-pretrain", "model": {f"module._orig_mod.{k}": v for k, v in model2.state_dict().items()},
+                "model_args": dict(ARGS)}, tmp_path / "ddp.pt")
+    assert torch.equal(ev.load_pretrained_encoder(tmp_path / "ddp.pt").conv1.weight, model2.backbone.conv1.weight)
+    final = pretrain_checkpoint(tmp_path / "run" / "final.pt")
+    assert torch.equal(ev.load_pretrained_encoder(tmp_path / "run").conv1.weight, final.backbone.conv1.weight)
+    # a one-channel stem from a three-channel checkpoint: same features on a gray image
+    gray = torch.randn(2, 1, SIZE, SIZE)
+    one = ev.load_pretrained_encoder(tmp_path / "a.pt", in_chans=1).eval()
+    with torch.no_grad():
+        assert torch.allclose(one(gray), plain(gray.expand(-1, 3, -1, -1)), atol=1e-4)
+
+
+def test_encoder_from_torchvision_named_resnet18(tmp_path):
+    ref = ResNet18(num_classes=1000).eval()
+    torch.save(ref.state_dict(), tmp_path / "imagenet.pth")
+    torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "dp.pth")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    for name in ("imagenet.pth", "dp.pth"):
+        enc = ev.load_pretrained_encoder(tmp_path / name).eval()
+        with torch.no_grad():
+            assert torch.allclose(enc(x), ref.forward_features(x), atol=1e-6)
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint '.*nowhere\.pt' does not exist"):
+        ev.load_pretrained_encoder(tmp_path / "nowhere.pt")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither final.pt nor checkpoints/ckpt"):
+        ev.load_pretrained_encoder(tmp_path / "empty_run")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ev.EvaluationError, match="could not read .*notes.txt.* as a torch checkpoint"):
+        ev.load_pretrained_encoder(tmp_path / "notes.txt")
+    torch.save({"kind": "mlvicx-classifier", "state_dict": {}}, tmp_path / "clf.pt")
+    with pytest.raises(ev.EvaluationError, match="kind 'mlvicx-classifier'; expected 'mlvicx-pretrain'"):
+        ev.load_pretrained_encoder(tmp_path / "clf.pt")
+    # model_args that do not describe the weights (another width): another architecture
+    pretrain_checkpoint(tmp_path / "wide.pt", model=MLVICX(preset="paper", dim=48, backend="torch"))
+    with pytest.raises(ev.EvaluationError, match=r"does not fit MLVICX\(.*dim=32.*shape mismatches"):
+        ev.load_pretrained_encoder(tmp_path / "wide.pt")
+    # a state_dict of another network
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ev.EvaluationError, match=r"does not fit ResNet18 .*missing keys .*unexpected keys"):
+        ev.load_pretrained_encoder(tmp_path / "other.pth")
+    bad = ResNet18().state_dict()
+    bad["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ev.EvaluationError,
+                       match=r"1 shape mismatches .*layer1.0.conv1.weight: checkpoint \(64, 64, 1, 1\)"):
+        ev.load_pretrained_encoder(tmp_path / "bad.pth")
+    torch.save(MLVICX(**ARGS, backend="torch").state_dict(), tmp_path / "bare.pth")
+    with pytest.raises(ev.EvaluationError, match="bare MLVICX state_dict"):
+        ev.load_pretrained_encoder(tmp_path / "bare.pth")
+    torch.save(ResNet18().state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(ev.EvaluationError, match="no context blocks"):
+        ev.load_pretrained_encoder(tmp_path / "plain.pth", with_context=True)
+
+
+def test_cli_errors_name_the_bad_input(tmp_path, phantom, capsys):
+    code = ev.main(["cls", "--data", str(phantom / "nih"), "--ckpt", str(tmp_path / "missing.pt"), "--out",
+                    str(tmp_path / "o"), "--quiet"])
+    assert code == 2 and "missing.pt' does not exist" in capsys.readouterr().err
+    code = ev.main(["cls", "--data", str(tmp_path / "nodata"), "--ckpt", "random", "--out", str(tmp_path / "o")])
+    assert code == 2 and "data folder" in capsys.readouterr().err
+    code = ev.main(["seg", "--data", str(phantom / "nih"), "--ckpt", "random", "--out", str(tmp_path / "o")])
+    assert code == 2 and "evaluate seg needs prepared SIIM-ACR masks" in capsys.readouterr().err
+    code = ev.main(["cls", "--data", str(phantom / "nih"), "--ckpt", "random", "--fractions", "0", "--out",
+                    str(tmp_path / "o")])
+    assert code == 2 and "label fraction must be in (0, 100] percent, got 0" in capsys.readouterr().err
+
+
+def test_data_folder_hint(phantom):
+    with pytest.raises(ev.EvaluationError, match=r"has no meta.json.*did you mean one of \['nih', 'siim'\]"):
+        ev.PreparedData(phantom)
+
+
+@pytest.mark.parametrize("command", ["cls", "seg", "compare", "table", "heatmap"])
+def test_help_says_what_it_reads_writes_and_an_example(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "reads" in text and "writes" in text and "example:" in text and "python -m mlvicx_fast.evaluate" in text
+
+
+def test_label_subsets_are_seeded_and_sized():
+    a = ev.label_subset(1000, 10, seed=3)
+    assert len(a) == 100 and len(np.unique(a)) == 100 and np.all(np.diff(a) > 0)
+    assert np.array_equal(a, ev.label_subset(1000, 10, seed=3))
+    assert not np.array_equal(a, ev.label_subset(1000, 10, seed=4))
+    assert len(ev.label_subset(50, 1, seed=0)) == 1  # never empty
+    assert np.array_equal(ev.label_subset(7, 100, seed=0), np.arange(7))
+    with pytest.raises(ev.EvaluationError, match="got 150"):
+        ev.label_subset(10, 150, seed=0)
+    # nested across fractions for one seed
+    assert set(ev.label_subset(1000, 1, seed=5)) <= set(ev.label_subset(1000, 10, seed=5)) <= set(
+        ev.label_subset(1000, 30, seed=5))
+
+
+def test_label_subsets_are_the_loaders_label_fractions():
+    loader = pytest.importorskip("mlvicx_fast.data.loader")
+    for n, pct in ((1000, 1), (777, 10), (50, 30)):
+        seed = int(np.random.randint(1000))
+        assert np.array_equal(ev.label_subset(n, pct, seed), loader.fraction_indices(n, pct / 100, seed))
+
+
+def test_grad_cam_of_a_linear_head_is_the_class_activation_map():
+    model = ev.Classifier(ResNet18(), 3).eval()
+    with torch.no_grad():  # class 2 sees every (non-negative) feature positively, class 1 negatively
+        model.fc.weight[2].abs_()
+        model.fc.weight[1] = -model.fc.weight[2]
+    x = torch.randn(1, 3, SIZE, SIZE)
+    cams, probs = ev.grad_cam(model, x, [0, 1, 2])
+    assert cams.shape == (3, SIZE, SIZE) and probs.shape == (3,)
+    assert float(cams.min()) >= 0 and float(cams.max()) <= 1 + 1e-6 and not cams.isnan().any()
+    assert float(cams[1].abs().max()) == 0.0  # nothing speaks for class 1: an empty map, not NaN
+    # for fc on average pooling, Grad-CAM weights are fc.weight[k] / (h w): the CAM of Zhou et al.
+    with torch.no_grad():
+        a = model.last_map(x)
+        cam = torch.relu(torch.einsum("c,chw->hw", model.fc.weight[2], a[0]))
+        cam = torch.nn.functional.interpolate(cam[None, None], size=(SIZE, SIZE), mode="bilinear",
+                                              align_corners=False)[0, 0]
+        cam = cam / cam.max()
+    assert float(cams[2].max()) == pytest.approx(1.0)
+    assert torch.allclose(cams[2], cam, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end on the phantom set
+# ------------------------------------------------------------------------------------------------
+def test_cls_end_to_end_compare_and_heatmap(tmp_path, phantom, run_folder, capsys):
+    out = tmp_path / "cls"
+    code = ev.main(["cls", "--data", str(phantom / "nih"), "--ckpt", f"MLVICX={run_folder}", "--ckpt", "random",
+                    "--protocol", "frozen", "finetune", "--fractions", "50", "100", "--seeds", "0", "1",
+                    "--epochs", "1", "--batch", "16", "--out", str(out), "--quiet", "--save-models"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text
+    res = json.loads(text)
+    assert res["methods"] == ["MLVICX", "Random init"] and res["metric"] == "mean_auc"
+    assert len(res["runs"]) == 2 * 2 * 2 * 2
+    n_train = json.loads((phantom / "nih" / "meta.json").read_text())["splits"]["train"]["n"]
+    for r in res["runs"]:
+        assert r["epochs_run"] == 1 and r["best_epoch"] == 0 and r["eval_split"] == "test"
+        assert r["n_train"] == (n_train if r["fraction"] == 100 else round(n_train / 2))
+        # the phantom draws 6 of the 14 NIH findings: the other 8 are undefined, not 0.5 or a crash
+        assert r["per_class_auc"]["Hernia"] is None and r["per_class_auc"]["Atelectasis"] is None
+        defined = [v for v in r["per_class_auc"].values() if v is not None]
+        assert r["defined_classes"] == len(defined) and r["mean_auc"] == pytest.approx(np.mean(defined))
+    table = (out / "table.md").read_text()
+    from mlvicx_fast.data import NIH_LABELS
+    assert "| MLVICX (frozen) |" in table and "| Random init (finetune) |" in table and "—" in table
+    assert table.splitlines()[4] == "| Method | " + " | ".join(NIH_LABELS) + " | Mean AUC |"  # paper Table I layout
+    assert table in printed
+    assert (out / "plot.png").stat().st_size > 1000
+    # same subsets for both methods: the runs pair up
+    assert len(list((out / "models").glob("*.pt"))) == 16
+
+    # compare: the two methods in one file, against scipy on the stored scores
+    code = ev.main(["compare", str(out), str(out / "results.json"), "--a-method", "MLVICX", "--b-method",
+                    "Random init", "--out", str(tmp_path / "cmp.json")])
+    assert code == 0
+    cmp = json.loads((tmp_path / "cmp.json").read_text())
+    assert len(cmp["settings"]) == 4
+    for s in cmp["settings"]:
+        a = [r["score"] for r in ev._runs_of(res, "MLVICX", s["protocol"], s["fraction"])]
+        b = [r["score"] for r in ev._runs_of(res, "Random init", s["protocol"], s["fraction"])]
+        assert len(a) == len(b) == 2
+        assert s["n"] == 2 and s["mean_diff"] == pytest.approx(np.mean(a) - np.mean(b))
+        assert s["p"] == pytest.approx(ttest_rel(a, b).pvalue)
+    assert ev.main(["compare", str(out), str(out)]) == 2
+    assert "choose one with --a-method" in capsys.readouterr().err
+
+    # table: runs evaluated by separate commands in one table
+    one = dict(res, runs=[r for r in res["runs"] if r["method"] == "MLVICX"])
+    two = dict(res, runs=[r for r in res["runs"] if r["method"] != "MLVICX"])
+    ev.write_json(one, tmp_path / "one" / "results.json")
+    ev.write_json(two, tmp_path / "two.json")
+    assert ev.main(["table", str(tmp_path / "one"), str(tmp_path / "two.json"), "--out", str(tmp_path / "all")]) == 0
+    assert (tmp_path / "all" / "table.md").read_text() == table
+    assert ev.main(["table", str(out), str(tmp_path / "two.json")]) == 2
+    assert "is in both" in capsys.readouterr().err
+
+    # heatmaps of a fine-tuned classifier: one PNG per class and image, at the image size
+    model = out / "models" / "MLVICX-finetune-100pct-seed0.pt"
+    png = tmp_path / "xray.png"
+    Image.fromarray((np.random.rand(100, 80) * 255).astype(np.uint8)).save(png)
+    code = ev.main(["heatmap", "--model", str(model), str(png), "--data", str(phantom / "nih"), "--n", "2",
+                    "--classes", "Effusion", "Mass", "--out", str(tmp_path / "hm"), "--quiet"])
+    assert code == 0
+    ids = [line.split(",")[1][:-4] for line in (phantom / "nih" / "test_index.csv").read_text().splitlines()[1:3]]
+    for stem in ("xray", f"test-00000-{ids[0]}", f"test-00001-{ids[1]}"):
+        for name in ("Effusion.png", "Mass.png", "input.png"):
+            with Image.open(tmp_path / "hm" / stem / name) as im:
+                assert im.size == (SIZE, SIZE)
+    rep = json.loads((tmp_path / "hm" / "heatmaps.json").read_text())
+    assert set(rep["images"]["xray"]["probabilities"]) == {"Effusion", "Mass"}
+    labels = np.load(phantom / "nih" / "test_labels.npy")
+    from mlvicx_fast.data import NIH_LABELS
+    assert rep["images"][f"test-00001-{ids[1]}"]["labels"] == {
+        "Effusion": int(labels[1, NIH_LABELS.index("Effusion")]), "Mass": int(labels[1, NIH_LABELS.index("Mass")])}
+    ev.run_heatmap(model, tmp_path / "hm96", images=[png], size=96, progress=False)
+    with Image.open(tmp_path / "hm96" / "xray" / "Cardiomegaly.png") as im:
+        assert im.size == (96, 96) and im.mode == "RGB"
+    with pytest.raises(ev.EvaluationError, match=r"unknown classes \['Flu'\]"):
+        ev.run_heatmap(model, tmp_path / "x", images=[png], classes=["Flu"], progress=False)
+    with pytest.raises(ev.EvaluationError, match="expected an 'mlvicx-classifier'"):
+        ev.run_heatmap(run_folder / "final.pt", tmp_path / "x", images=[png], progress=False)
+
+
+def test_linear_probe_for_the_demo(tmp_path, phantom, run_folder):
+    res = ev.linear_probe(phantom / "nih", {"MLVICX": str(run_folder), "Random init": "random"}, fraction=10,
+                          seeds=(0, 1), epochs=2, progress=False, log=lambda s: None)
+    assert {(r["protocol"], r["fraction"]) for r in res["runs"]} == {("frozen", 10.0)}
+    means = ev.mean_scores(res)
+    for name in ("MLVICX", "Random init"):
+        runs = [r["score"] for r in res["runs"] if r["method"] == name]
+        assert len(runs) == 2 and means[name]["frozen"][10.0] == pytest.approx(np.mean(runs))
+    assert "## 10% labels (2 seeds), AUC" in ev.format_table(res)
+
+
+def test_finetune_with_the_loaders_augmentation(tmp_path, phantom, run_folder):
+    res = ev.run_cls(phantom / "nih", {"MLVICX": str(run_folder)}, protocols=("finetune",), fractions=(50,),
+                     seeds=(0,), epochs=1, batch=16, augment=True, progress=False, log=lambda s: None)
+    (run,) = res["runs"]
+    assert res["config"]["augment_finetune"] and run["epochs_run"] == 1 and run["history"][0]["train_loss"] > 0
+    assert run["mean_auc"] is not None
+
+
+def test_a_diverging_run_is_scored_undefined_not_a_crash(tmp_path, phantom, run_folder):
+    res = ev.run_cls(phantom / "nih", ["random"], fractions=(100,), seeds=(0,), epochs=2, lr=float("inf"),
+                     out=tmp_path / "nan", progress=False, log=lambda s: None)
+    (run,) = res["runs"]
+    assert run["diverged"] and run["score"] is None and run["best_epoch"] is None and run["epochs_run"] == 2
+    assert "| Random init | — |" in (tmp_path / "nan" / "table.md").read_text()
+
+
+def test_seg_end_to_end(tmp_path, phantom, run_folder):
+    res = ev.run_seg(phantom / "siim", {"MLVICX": str(run_folder / "final.pt"), "Random init": "random"},
+                     protocols=("frozen", "finetune"), fractions=(30, 100), seeds=(0,), epochs=1, batch=8,
+                     with_context=True, out=tmp_path / "seg", progress=False, log=lambda s: None)
+    assert len(res["runs"]) == 2 * 2 * 2
+    for r in res["runs"]:
+        assert r["metric"] == "dice" and 0.0 <= r["dice"] <= 1.0 and 0.0 <= r["dice_image"] <= 1.0
+        assert r["eval_split"] == "val" and r["score"] == pytest.approx(r["val_best"])
+    saved = json.loads((tmp_path / "seg" / "results.json").read_text())
+    assert saved["config"]["settings"]["finetune"] == {"batch": 8, "lr": 3e-4}
+    assert "| MLVICX (frozen) |" in (tmp_path / "seg" / "table.md").read_text()
+    assert (tmp_path / "seg" / "plot.png").is_file()
+
+
+# numba raises a KeyError while garbage-collecting the functions FFCV compiled for a loader: harmless
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_beton_and_npy_read_the_same(tmp_path, phantom):
+    pytest.importorskip("ffcv")
+    prepare("nih", phantom / "raw", tmp_path / "raw", size=SIZE, fmt="raw", workers=1, progress=False)
+    a, b = ev.PreparedData(tmp_path / "raw").split("val"), ev.PreparedData(phantom / "nih").split("val")
+    assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
+    prepare("siim", phantom / "raw", tmp_path / "siim", size=SIZE, fmt="raw", workers=1, progress=False)
+    a, b = ev.PreparedData(tmp_path / "siim").split("val"), ev.PreparedData(phantom / "siim").split("val")
+    assert set(a) == set(b) == {"images", "labels", "masks"}
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    import gc
+    gc.collect()  # let the FFCV loaders go here, where the warning filter applies, not at exit
