@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                 gen = torch.Generator().manual_seed(0)
 
                 def fn():
-                    v1, v2 = two_view_augment(raw, size=size, generator=gen)
+                    v1, v2 = two_view_augment(raw, size=size, generator=gen, out_dtype=x1.dtype)
                     step(v1, v2)
             else:
                 def fn():
