@@ -28,6 +28,9 @@ def device_name(device: str) -> str:
 
 
 def commit() -> str:
+    """The checkout's commit; MLVICX_COMMIT names it where the copy has no git metadata (device runs)."""
+    if os.environ.get("MLVICX_COMMIT"):
+        return os.environ["MLVICX_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()

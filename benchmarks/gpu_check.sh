@@ -4,7 +4,7 @@
 # of importance, each under its own time limit, so a slow or failing stage leaves the others'
 # results; every log and result file is copied to $OUT when that is set (the device tool's folder).
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root; about 9 minutes
+#   MLVICX_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh   # repository root; ~9 min
 #
 # Needs torch with CUDA, triton, pytest, pytest-benchmark, Pillow (the GPU image has them); FFCV is
 # not needed (tests that need it skip). Nothing is installed: the package is used from this checkout.
@@ -47,4 +47,6 @@ stage bench_network 40 python3 benchmarks/bench_network.py --batches 64,256
 
 echo "== targets"
 python3 benchmarks/targets.py --dir benchmarks/out | tee "$RES/targets.md"
+# one archive with every log and result, for transports that bring back only a few files
+tar czf gpu_check.tgz -C "$RES" . && mv gpu_check.tgz "$RES"/
 exit $status
