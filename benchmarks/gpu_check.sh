@@ -11,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
-RES=${OUT:-benchmarks/out}
+RES=benchmarks/out/gpu_check   # every log and result; $OUT (when set) gets the archive and the table
 mkdir -p "$RES" benchmarks/out
 status=0
 
@@ -48,5 +48,6 @@ stage bench_network 40 python3 benchmarks/bench_network.py --batches 64,256
 echo "== targets"
 python3 benchmarks/targets.py --dir benchmarks/out | tee "$RES/targets.md"
 # one archive with every log and result, for transports that bring back only a few files
-tar czf gpu_check.tgz -C "$RES" . && mv gpu_check.tgz "$RES"/
+tar czf benchmarks/out/gpu_check.tgz -C "$RES" .
+if [ -n "${OUT:-}" ]; then cp benchmarks/out/gpu_check.tgz "$RES/targets.md" "$OUT"/; fi
 exit $status
