@@ -74,23 +74,26 @@ def fraction_indices(n: int, fraction: float, seed: int) -> np.ndarray:
 class _NpyBatches:
     """The FFCV-less path: memory-mapped uint8 images, batches of (images, labels, index[, masks])."""
 
-    def __init__(self, data_dir, split, batch_size, indices, shuffle, drop_last, seed, with_mask):
+    def __init__(self, data_dir, split, batch_size, indices, shuffle, drop_last, seed, with_mask, rank=0, world_size=1):
         d = Path(data_dir)
         self.images = np.load(d / f"{split}_images.npy", mmap_mode="r")
         self.labels = np.load(d / f"{split}_labels.npy")
         self.masks = np.load(d / f"{split}_masks.npy", mmap_mode="r") if with_mask else None
         self.indices = np.arange(len(self.images)) if indices is None else np.asarray(indices)
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def __len__(self):
-        n = len(self.indices)
+        n = len(self.indices) // self.world_size
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
         idx = self.indices
         if self.shuffle:
             idx = idx[np.random.default_rng((self.seed, self.epoch)).permutation(len(idx))]
+        if self.world_size > 1:  # every rank the same number of rows, interleaved as DistributedSampler
+            idx = idx[:len(idx) - len(idx) % self.world_size][self.rank::self.world_size]
         self.epoch += 1
         for b in range(len(self)):
             sel = np.sort(idx[b * self.batch_size:(b + 1) * self.batch_size])
@@ -102,7 +105,7 @@ class _NpyBatches:
 
 
 def _ffcv_loader(path, fields, batch_size, workers, indices, shuffle, drop_last, seed, device, crop_cpu,
-                 size, recipe, fmt):
+                 size, recipe, fmt, distributed=False):
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.decoders import NDArrayDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -131,7 +134,7 @@ def _ffcv_loader(path, fields, batch_size, workers, indices, shuffle, drop_last,
     return Loader(str(path), batch_size=batch_size, num_workers=workers,
                   order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, drop_last=drop_last,
                   pipelines=pipelines, indices=None if indices is None else list(map(int, indices)),
-                  seed=seed, os_cache=True)
+                  seed=seed, os_cache=True, distributed=distributed)
 
 
 class PreparedLoader:
@@ -140,9 +143,12 @@ class PreparedLoader:
     def __init__(self, data_dir, split="train", mode="pretrain", batch_size=64, size=224, workers=None,
                  device=None, seed=0, fraction=1.0, fraction_seed=0, shuffle=None, drop_last=None,
                  crop="gpu", recipe: Optional[Recipe] = None, channels=3, backend="auto",
-                 out_dtype=torch.bfloat16, use_ffcv: Optional[bool] = None, with_index: bool = False):
+                 out_dtype=torch.bfloat16, use_ffcv: Optional[bool] = None, with_index: bool = False,
+                 rank: int = 0, world_size: int = 1):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         if crop not in ("gpu", "cpu"):
             raise ValueError(f"crop must be 'gpu' or 'cpu', got {crop!r}")
         self.meta = read_meta(data_dir)
@@ -165,6 +171,7 @@ class PreparedLoader:
         self.indices = None if fraction == 1.0 else fraction_indices(n, fraction, fraction_seed)
         self.n = n if self.indices is None else len(self.indices)
         self.seed, self.epoch, self.with_index = seed, 0, with_index
+        self.rank, self.world_size = rank, world_size
         fmt = self.meta["format"]
         beton = Path(data_dir) / f"{split}.beton"
         if use_ffcv is None:
@@ -173,8 +180,10 @@ class PreparedLoader:
             if not beton.is_file():
                 raise FileNotFoundError(f"{beton} is missing (meta.json says format {fmt})")
             workers = workers or min(8, torch.get_num_threads())
+            # distributed: FFCV shards like DistributedSampler, from torch.distributed's rank and size
             self._it = _ffcv_loader(beton, self.meta["fields"], batch_size, workers, self.indices, self.shuffle,
-                                    drop_last, seed, self.device, self.crop_cpu, size, self.recipe, fmt)
+                                    drop_last, seed, self.device, self.crop_cpu, size, self.recipe, fmt,
+                                    distributed=world_size > 1)
         else:
             if fmt != "npy":
                 raise RuntimeError(f"{data_dir} holds .beton files (format {fmt}) and ffcv is not installed; "
@@ -182,11 +191,20 @@ class PreparedLoader:
             if crop == "cpu":
                 raise ValueError("crop='cpu' needs FFCV's decoder (a jpg .beton)")
             self._it = _NpyBatches(data_dir, split, batch_size, self.indices, self.shuffle, drop_last, seed,
-                                   "mask" in self.meta["fields"])
+                                   "mask" in self.meta["fields"], rank, world_size)
         self.ffcv = use_ffcv
 
     def __len__(self):
         return len(self._it)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration epoch `epoch`: its order and augmentation draws, as in an
+        uninterrupted run (what resuming a training run needs)."""
+        self.epoch = epoch
+        if self.ffcv:
+            self._it.next_epoch = epoch
+        else:
+            self._it.epoch = epoch
 
     def _to_device(self, t):
         if t.device != self.device:
@@ -194,7 +212,7 @@ class PreparedLoader:
         return t
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * self.world_size + self.rank)
         self.epoch += 1
         it = iter(self._it)
         try:
