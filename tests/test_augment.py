@@ -150,3 +150,14 @@ def test_bad_inputs_name_what_is_wrong():
         A.two_view_augment(x, size=8)
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         A.two_view_augment(x, size=14, backend="cuda")
+
+
+@pytest.mark.triton
+def test_one_view_equals_the_first_of_two(fresh_seed):
+    gen = torch.Generator().manual_seed(fresh_seed)
+    x = torch.randint(0, 256, (2, 30, 30), dtype=torch.uint8, generator=gen)
+    p = random_params(2, 30, 30, gen)
+    for backend, xx in (("torch", x), ("triton", x.to(TRITON_DEVICE))):
+        (one,) = A.augment_with_params(xx, p[:1], 24, out_dtype=torch.float32, backend=backend)
+        two = A.augment_with_params(xx, p, 24, out_dtype=torch.float32, backend=backend)
+        assert torch.equal(one, two[0])

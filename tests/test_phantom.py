@@ -73,3 +73,14 @@ def test_bad_arguments():
         write_phantom("/nonexistent", n=1)
     with pytest.raises(ValueError, match="size must be at least 32, got 16"):
         write_phantom("/nonexistent", n=4, size=16)
+
+
+def test_ensure_phantom_prepares_once(tmp_path):
+    from mlvicx_fast.data import ensure_phantom, make_loader
+
+    out = ensure_phantom(tmp_path / "ph", n=40, seed=1, size=32, fmt="npy", workers=1)
+    stamp = (out / "nih" / "train_images.npy").stat().st_mtime_ns
+    assert ensure_phantom(tmp_path / "ph", n=40, seed=1, size=32, fmt="npy", workers=1) == out
+    assert (out / "nih" / "train_images.npy").stat().st_mtime_ns == stamp  # not written again
+    x, y = next(iter(make_loader(out / "nih", mode="classify", split="test", batch_size=4, size=24)))
+    assert x.shape == (4, 3, 24, 24) and y.shape == (4, 14)

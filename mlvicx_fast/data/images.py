@@ -197,11 +197,10 @@ def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
             f"EncodedPixels runs past the image: it ends at pixel {int(ends[-1])}, the image has "
             f"{height}x{width} = {height * width}"
         )
-    # runs as +1/-1 edges, integrated: vectorised, no Python loop over runs
-    edges = np.zeros(height * width + 1, dtype=np.int32)
-    np.add.at(edges, starts, 1)
-    np.add.at(edges, ends, -1)
-    mask = (np.cumsum(edges[:-1]) > 0).astype(np.uint8)
+    # one slice assignment per run: masks hold tens to a few thousand runs, and this measured 3x
+    # faster than integrating +1/-1 edges over all height*width pixels (benchmarks/bench_prepare.py)
+    for a, e in zip(starts.tolist(), ends.tolist()):
+        mask[a:e] = 1
     return mask.reshape(width, height).T.copy()
 
 

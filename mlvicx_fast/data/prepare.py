@@ -268,6 +268,38 @@ def print_summary(s: Dict, out) -> None:
             print(f"  left out {n}: {why}")
 
 
+def ensure_phantom(out="data/phantom", n: int = 2000, seed: int = 0, size: int = 256, fmt: Optional[str] = None,
+                   workers: Optional[int] = None, quiet: bool = True) -> Path:
+    """The built-in default data set: OUT/nih (classification) and OUT/siim (segmentation) from the
+    phantom generator, prepared unless OUT/phantom.json shows the same n, seed, size and format.
+    .beton formats are written by a subprocess (FFCV's writer forks; it must not run beside loader
+    threads of this process). Returns OUT."""
+    out = Path(out)
+    fmt = fmt or ("jpg" if ffcv_available() else "npy")
+    want = {"n": n, "seed": seed, "size": size, "format": fmt}
+    stamp = out / "phantom.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == want and (out / "nih" / "meta.json").is_file() \
+            and (out / "siim" / "meta.json").is_file():
+        return out
+    if fmt == "npy":
+        from .phantom import write_phantom
+        write_phantom(out / "raw", n=n, seed=seed, size=size, workers=workers)
+        for name in ("nih", "siim"):
+            prepare(name, out / "raw", out / name, size=size, fmt=fmt, workers=workers, seed=seed, progress=not quiet)
+    else:
+        import subprocess
+        cmd = [sys.executable, "-m", "mlvicx_fast.data.prepare", "phantom", "--out", str(out), "--n", str(n),
+               "--seed", str(seed), "--size", str(size), "--format", fmt] + (["--quiet"] if quiet else []) + \
+              (["--workers", str(workers)] if workers else [])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2])] +
+                                                          [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        r = subprocess.run(cmd, capture_output=quiet, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"preparing the phantom set failed ({' '.join(cmd)}):\n{r.stderr if quiet else ''}")
+    stamp.write_text(json.dumps(want))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = Path(args.out)
             raw = out / "raw"
             t0 = time.perf_counter()
-            write_phantom(raw, n=args.n, seed=args.seed, workers=args.workers)
+            write_phantom(raw, n=args.n, seed=args.seed, size=args.size, workers=args.workers)
             print(f"phantom: {args.n} images written to {raw} in {time.perf_counter() - t0:.1f} s")
             for name in ("nih", "siim"):
                 s = prepare(name, raw, out / name, val_fraction=args.val_fraction, **common)

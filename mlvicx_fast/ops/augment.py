@@ -37,7 +37,8 @@ crop is mirror-symmetric).
 
 Inputs: x uint8 (N, H, W), or (N, H, W, C) / (N, C, H, W) whose channel 0 is used, any strides,
 on CUDA (or CPU under TRITON_INTERPRET=1) for the kernel, anywhere for the torch backend.
-Output: (view1, view2), each (N, C, size, size) in `out_dtype` (default bfloat16), channels_last.
+Output: (view1, view2), each (N, C, size, size) in `out_dtype` (default bfloat16), channels_last
+(or one view, for parameters of one view).
 
 Backends: ``triton`` (the kernel), ``torch`` (the reference below: the same math per sample with
 torch ops; the CPU path), ``auto`` (triton on CUDA tensors when Triton is installed, else torch).
@@ -156,7 +157,7 @@ def crop_means(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     ii = torch.zeros(N, H + 1, W + 1, dtype=torch.float64 if x.device.type == "cpu" else torch.int32, device=x.device)
     ii[:, 1:, 1:] = x.to(ii.dtype).cumsum(1).cumsum(2)
     flat = ii.view(N, -1)
-    for v in range(2):
+    for v in range(p.shape[0]):
         y0, x0 = p[v, :, P_Y0].long(), p[v, :, P_X0].long()
         y1, x1 = y0 + p[v, :, P_H].long(), x0 + p[v, :, P_W].long()
         idx = torch.stack([y1 * (W + 1) + x1, y0 * (W + 1) + x1, y1 * (W + 1) + x0, y0 * (W + 1) + x0], 1)
@@ -178,13 +179,14 @@ def _gaussian_1d(sigma: float, device) -> torch.Tensor:
 def augment_reference(x: torch.Tensor, params: torch.Tensor, size: int, channels: int = 3,
                       mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                       out_dtype=torch.bfloat16) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The op in plain torch for parameters with the crop means filled in (see `crop_means`)."""
+    """The op in plain torch for parameters (V, N, N_PARAMS) with the crop means filled in (see
+    `crop_means`); returns V tensors."""
     N = x.shape[0]
     p = params.float().cpu()
     outs = []
     m = torch.tensor(mean[:channels], dtype=torch.float32, device=x.device).view(channels, 1, 1)
     s = torch.tensor(std[:channels], dtype=torch.float32, device=x.device).view(channels, 1, 1)
-    for v in range(2):
+    for v in range(p.shape[0]):
         out = torch.empty(N, channels, size, size, dtype=out_dtype, device=x.device).contiguous(
             memory_format=torch.channels_last)
         for n in range(N):
@@ -210,7 +212,7 @@ def augment_reference(x: torch.Tensor, params: torch.Tensor, size: int, channels
                 r = r.flip(-1)
             out[n] = ((r[0] - m) / s).to(out_dtype)
         outs.append(out)
-    return outs[0], outs[1]
+    return tuple(outs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,18 +360,19 @@ def _source_window(params: torch.Tensor, size: int) -> int:
 
 def _augment_triton(x, p, size, channels, mean, std, out_dtype):
     N = x.shape[0]
-    out = torch.empty(2, N, size, size, channels, dtype=out_dtype, device=x.device).permute(0, 1, 4, 2, 3)
+    views = p.shape[0]
+    out = torch.empty(views, N, size, size, channels, dtype=out_dtype, device=x.device).permute(0, 1, 4, 2, 3)
     sw = _source_window(p, size)
     n_t = triton.cdiv(size, TILE)
     mean = list(mean) + [0.0] * (3 - len(mean))
     istd = [1.0 / s for s in std] + [1.0] * (3 - len(std))
     prec = "ieee" if interpreting() else "tf32"
-    _augment_kernel[(n_t * n_t, N, 2)](
+    _augment_kernel[(n_t * n_t, N, views)](
         x, *x.stride(), p.contiguous(), out, *out.stride(), N, size, *mean[:3], *istd[:3],
         C=channels, NP=N_PARAMS, SW=sw, KB=32,
         TILE_=TILE, NH=HALO, RADIUS=BLUR_RADIUS, PREC=prec, num_warps=8,
     )
-    return out[0], out[1]
+    return tuple(out[v] for v in range(views))
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,12 +396,13 @@ def as_gray(x: torch.Tensor) -> torch.Tensor:
 def augment_with_params(x: torch.Tensor, params: torch.Tensor, size: int = 224, channels: int = 3,
                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                         out_dtype=torch.bfloat16, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Both views for given parameters (2, N, N_PARAMS) (crop means filled in or not: they are
-    recomputed here)."""
+    """The views for given parameters (V, N, N_PARAMS), V = 2 (both views) or 1 (one view, e.g.
+    downstream training): a tuple of V tensors. Crop means are recomputed here."""
     x = as_gray(x)
     N, H, W = x.shape
-    if params.shape != (2, N, N_PARAMS):
-        raise ValueError(f"augment: params must have shape (2, {N}, {N_PARAMS}), got {tuple(params.shape)}")
+    if params.dim() != 3 or params.shape[0] not in (1, 2) or params.shape[1:] != (N, N_PARAMS):
+        raise ValueError(f"augment: params must have shape (2, {N}, {N_PARAMS}) or (1, {N}, {N_PARAMS}), "
+                         f"got {tuple(params.shape)}")
     if not 1 <= channels <= 3:
         raise ValueError(f"augment: channels must be 1, 2 or 3, got {channels}")
     if size <= BLUR_RADIUS + 1:
@@ -438,4 +442,4 @@ def eval_transform(x: torch.Tensor, size: int = 224, channels: int = 3, mean=IMA
     params = sample_params(g.shape[0], g.shape[1], g.shape[2], CROP_FLIP, torch.Generator().manual_seed(0),
                            random_crop=False)
     params[..., P_FLIP] = 0.0
-    return augment_with_params(g, params, size, channels, mean, std, out_dtype, backend)[0]
+    return augment_with_params(g, params[:1], size, channels, mean, std, out_dtype, backend)[0]
