@@ -1,0 +1,81 @@
+r"""Batch normalisation with statistics over every process, for CPU training on gloo.
+
+torch.nn.SyncBatchNorm runs only on GPUs. This module computes the same thing with plain
+collectives, so a multi-process CPU run (and its test) normalises by the global batch::
+
+    S1_c = all_reduce(sum_{n,h,w} x),  S2_c = all_reduce(sum_{n,h,w} x^2),  M = all_reduce(count)
+    mean = S1 / M,  var = S2 / M - mean^2                  (biased, used to normalise)
+    y = (x - mean) / sqrt(var + eps) * weight + bias
+    running_mean/var updated with mean and var * M / (M - 1)   (as torch's BatchNorm)
+
+Gradients flow through the all-reduce (its backward all-reduces the gradient), like torch's
+SyncBatchNorm backward. In eval mode, or without a process group, it is plain batch norm.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm1d/2d whose training statistics are taken over all processes of the default group."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"SyncBatchNormCPU: expected at least 2-D input (N, C, ...), got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (self.training and distributed):
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                self.training or not self.track_running_stats, self.momentum or 0.0, self.eps)
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=xf.dtype)
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+        stats = _AllReduceSum.apply(stats)
+        c = x.shape[1]
+        m = stats[-1]
+        mean = stats[:c] / m
+        var = stats[c:2 * c] / m - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(var.detach() * (m / (m - 1)), alpha=momentum)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm_cpu(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm1d/2d/3d in module by SyncBatchNormCPU with the same state."""
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNormCPU):
+        out = SyncBatchNormCPU(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        out.load_state_dict(module.state_dict())
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm_cpu(child))
+    return out

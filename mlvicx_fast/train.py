@@ -1,0 +1,606 @@
+"""python -m mlvicx_fast.train: MLVICX pretraining.
+
+Reads a prepared dataset (a folder written by `python -m mlvicx_fast.data.prepare`, or one of its
+.beton files); with no --data it builds the built-in phantom chest X-ray set once (cached) and
+uses that. Writes a run folder: config.json (the resolved configuration), log.csv (one row per
+step), epochs.csv, checkpoints/ckpt-*.pt (every epoch and every --ckpt-every steps, last --keep
+kept), final.pt, loss.png, and TensorBoard events when tensorboard is installed.
+
+The step: two augmented views of each image (fused GPU augmentation), the MLVICX network on each
+view, MLVICXLoss = global_weight * VICReg(z1, z2) + lambda * VICReg(m1, m2), backward, LARS with
+warmup + cosine. On a GPU: bf16 autocast, channels_last, torch.compile and the whole step in one
+CUDA graph; each can be turned off for comparison.
+
+Examples:
+  python -m mlvicx_fast.train                                   # built-in default, any machine
+  python -m mlvicx_fast.train --data prepared/nih --preset official --epochs 300 --batch-size 256
+  python -m mlvicx_fast.train --config my.toml --resume runs/nih-1  # continue a run exactly
+  torchrun --nproc-per-node 8 -m mlvicx_fast.train --data prepared/nih   # one node, 8 GPUs
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointManager, atomic_save, load, rng_state, set_rng_state
+from .nn.loss import MLVICXLoss
+from .optim import LARS, scaled_lr, warmup_cosine_lr
+
+TERMS = ("global/inv", "global/var", "global/cov", "multi/inv", "multi/var", "multi/cov")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration: defaults < config file < command line
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    data: Optional[str] = field(default=None, metadata=dict(
+        help="prepared dataset folder or .beton file (default: the built-in phantom set, built once and cached)"))
+    preset: str = field(default="paper", metadata=dict(
+        choices=["paper", "official"], help="network/optimiser preset: paper (D=2048) or official (D=4096, final BN)"))
+    dim: int = field(default=0, metadata=dict(help="expander width D (0: the preset's, 2048 paper / 4096 official)"))
+    epochs: int = field(default=0, metadata=dict(help="epochs (0: 300, or the built-in default's)"))
+    batch_size: int = field(default=0, metadata=dict(help="images per view per step, over all processes (0: default)"))
+    lr: float = field(default=0.0, metadata=dict(help="peak learning rate (0: base_lr * batch_size / 256)"))
+    base_lr: float = field(default=0.2, metadata=dict(help="learning rate per 256 images (official 0.2)"))
+    warmup_epochs: Optional[float] = field(default=None, metadata=dict(
+        help="linear warmup length in epochs (default: 2, the official code; 10%% of a built-in default run)"))
+    weight_decay: float = field(default=1e-6, metadata=dict(help="LARS weight decay (official 1e-6)"))
+    lambda_: float = field(default=1.0, metadata=dict(
+        flag="--lambda", help="weight of the multi-level loss (0: plain VICReg, global only)"))
+    global_weight: float = field(default=1.0, metadata=dict(help="weight of the global loss (0: multi-level only)"))
+    image_size: int = field(default=0, metadata=dict(help="view side in pixels (0: 224 on GPU, 128 on CPU)"))
+    in_chans: int = field(default=3, metadata=dict(choices=[1, 3], help="network input channels (3: gray replicated)"))
+    precision: str = field(default="auto", metadata=dict(
+        choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision (auto: bf16 on GPU, fp32 on CPU)"))
+    compile: Optional[bool] = field(default=None, metadata=dict(help="torch.compile the network (default: on GPU)"))
+    cuda_graph: Optional[bool] = field(default=None, metadata=dict(
+        help="capture the whole step in one CUDA graph (default: on GPU)"))
+    channels_last: Optional[bool] = field(default=None, metadata=dict(help="channels_last memory format (default: on GPU)"))
+    workers: int = field(default=0, metadata=dict(help="loader worker threads (0: all cores)"))
+    out: str = field(default="", metadata=dict(help="run folder (default: runs/<date>-<time>)"))
+    resume: str = field(default="", metadata=dict(help="run folder or checkpoint to continue exactly"))
+    seed: int = field(default=0, metadata=dict(help="seed of data order, augmentation and initialisation"))
+    max_steps: int = field(default=0, metadata=dict(
+        help="stop after this many steps in total (0: all epochs); the lr schedule still spans --epochs"))
+    ckpt_every: int = field(default=0, metadata=dict(help="also checkpoint every N steps (0: only every epoch)"))
+    keep: int = field(default=3, metadata=dict(help="step checkpoints kept"))
+    log_every: int = field(default=0, metadata=dict(help="steps between loss reads (a host sync) (0: 1 on CPU, 10 on GPU)"))
+    device: str = field(default="auto", metadata=dict(help="cuda, cpu or auto"))
+    backend: str = field(default="auto", metadata=dict(
+        choices=["auto", "triton", "torch"], help="fused ops backend (auto: Triton on CUDA)"))
+    aggregation: str = field(default="exact", metadata=dict(
+        choices=["exact", "official"], help="multi-level aggregation: exact pool-first or the official 64x64 form"))
+    deterministic: bool = field(default=False, metadata=dict(help="deterministic algorithms (slower; exact resume on GPU)"))
+    phantom_n: int = field(default=2000, metadata=dict(help="images in the built-in phantom set"))
+    config: str = field(default="", metadata=dict(help="TOML or YAML file whose keys are these option names"))
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.rstrip("_").replace("_", "-"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlvicx_fast.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kw: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
+                                  help=f.metadata["help"] + ("" if f.default in (None, "") else f" (default: {f.default})"))
+        if f.type in ("Optional[bool]", "bool") or isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float, "Optional[float]": float}.get(str(f.type), str)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        p.add_argument(_flag(f), **kw)
+    return p
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """Keys are option names, with '-' or '_' (``lambda`` for --lambda)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"train: config file {path} does not exist")
+    if p.suffix == ".toml":
+        import tomllib
+
+        raw = tomllib.loads(p.read_text())
+    elif p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise SystemExit("train: reading a YAML config needs pyyaml (pip install pyyaml), or use TOML")
+        raw = yaml.safe_load(p.read_text()) or {}
+    else:
+        raise SystemExit(f"train: config file {path} must end in .toml, .yaml or .yml")
+    names = {f.name.rstrip("_"): f.name for f in dataclasses.fields(Config)}
+    out = {}
+    for key, value in raw.items():
+        name = names.get(key.replace("-", "_"))
+        if name is None or name == "config":
+            raise SystemExit(f"train: unknown key {key!r} in {path}; known keys: {', '.join(sorted(names))}")
+        out[name] = value
+    return out
+
+
+def parse_config(argv: Optional[List[str]] = None) -> Config:
+    ns = vars(build_parser().parse_args(argv))
+    values = read_config_file(ns["config"]) if ns.get("config") else {}
+    values.update(ns)
+    return Config(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up helpers
+# --------------------------------------------------------------------------------------------
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def say(msg: str) -> None:
+    if is_main():
+        print(f"[train] {msg}", flush=True)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the 'auto' values for this machine."""
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device.startswith("cuda")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("train: --device cuda asked for, but torch sees no CUDA device")
+    cfg.device = ("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if cuda else "fp32"
+    for name in ("compile", "cuda_graph", "channels_last"):
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, cuda)
+    if cfg.cuda_graph and not cuda:
+        raise SystemExit("train: --cuda-graph needs a CUDA device")
+    if cfg.cuda_graph and cfg.precision == "fp16":
+        say("fp16 needs a dynamic loss scale, which a CUDA graph cannot hold: running without the graph")
+        cfg.cuda_graph = False
+    builtin = cfg.data is None
+    if cfg.image_size == 0:
+        cfg.image_size = 224 if cuda or not builtin else 128
+    if cfg.batch_size == 0:
+        cfg.batch_size = (256 if cfg.preset == "official" else 64) if cuda or not builtin else 32
+    if cfg.epochs == 0:
+        cfg.epochs = 300 if not builtin else (100 if cuda else 4)
+    if cfg.warmup_epochs is None:
+        cfg.warmup_epochs = 2.0 if not builtin else 0.1 * cfg.epochs
+    if cfg.log_every == 0:
+        cfg.log_every = 10 if cuda else 1
+    if cfg.lr == 0.0:
+        cfg.lr = scaled_lr(cfg.base_lr, cfg.batch_size)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# The network for two views (one module, so DDP, torch.compile and a CUDA graph see one call)
+# --------------------------------------------------------------------------------------------
+class TwoViews(torch.nn.Module):
+    """z1, m1, z2, m2 = net(x1, x2): the MLVICX network on each view (BN statistics per view,
+    as the official code's two separate forward passes)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        z1, m1 = self.model(x1)
+        z2, m2 = self.model(x2)
+        return z1, m1, z2, m2
+
+
+def model_args(cfg: Config) -> Dict[str, Any]:
+    """The MLVICX constructor arguments a checkpoint records (evaluation rebuilds from them)."""
+    from .models.mlvicx import PRESETS
+
+    dim = cfg.dim or PRESETS[cfg.preset]["dim"]
+    return dict(preset=cfg.preset, in_chans=cfg.in_chans, dim=dim, final_bn=PRESETS[cfg.preset]["final_bn"])
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    from .models.mlvicx import MLVICX
+
+    model = MLVICX(**model_args(cfg), backend=cfg.backend, aggregation=cfg.aggregation)
+    return model
+
+
+@dataclass
+class Training:
+    model: torch.nn.Module
+    opt: LARS
+    scaler: torch.amp.GradScaler
+    lr: torch.Tensor
+    step: Any  # step(x1, x2) -> tensor [loss, six terms]
+
+
+def build_training(cfg: Config, device: torch.device, world: int = 1) -> Training:
+    """The network (SyncBatchNorm and DDP when world > 1), MLVICXLoss, LARS, and the step function."""
+    model = build_model(cfg).to(device)
+    if world > 1:
+        model = convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net: torch.nn.Module = TwoViews(model)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = MLVICXLoss(lambda_=cfg.lambda_, global_weight=cfg.global_weight, gather_distributed=world > 1,
+                         backend="auto")
+    lr = torch.zeros((), device=device)  # a tensor, so a captured CUDA graph sees each step's value
+    opt = LARS(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    run = torch.compile(net) if cfg.compile else net
+
+    def step(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Forward both views, loss, backward, LARS update. Returns [loss, six terms] (float32)."""
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            z1, m1, z2, m2 = run(x1, x2)
+        loss, terms = loss_fn(z1.float(), z2.float(), m1.float(), m2.float(), return_terms=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=False)
+        zero = torch.zeros((), device=device)
+        return torch.stack([loss.detach()] + [terms.get(k, zero) for k in TERMS]).float()
+
+    return Training(model, opt, scaler, lr, step)
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Batch statistics over all processes: torch's SyncBatchNorm on GPUs, ours on CPUs (gloo),
+    where torch's refuses to run."""
+    if next(model.parameters()).is_cuda:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    from .nn.sync_bn import convert_sync_batchnorm_cpu
+
+    return convert_sync_batchnorm_cpu(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous)
+# --------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    return Path(os.environ.get("MLVICX_CACHE", Path.home() / ".cache" / "mlvicx_fast"))
+
+
+def resolve_data(cfg: Config):
+    """(prepared folder, split) for --data; with none, the built-in phantom set (built once, cached)."""
+    if cfg.data is None:
+        root = cache_dir() / f"phantom-n{cfg.phantom_n}-seed{cfg.seed}"
+        if is_main():
+            from .data.prepare import ensure_phantom
+
+            if not (root / "nih" / "meta.json").is_file():
+                say(f"building the built-in phantom chest X-ray set ({cfg.phantom_n} images) in {root} (once)")
+            ensure_phantom(root, n=cfg.phantom_n, seed=cfg.seed)
+        if dist.is_initialized():
+            dist.barrier()
+        return root / "nih", "train"
+    p = Path(cfg.data).expanduser()
+    if p.suffix == ".beton":
+        folder, split = p.parent, p.stem
+    else:
+        folder, split = p, "train"
+    if not p.exists():
+        raise SystemExit(f"train: --data {cfg.data} does not exist")
+    if not (folder / "meta.json").is_file():
+        raise SystemExit(f"train: --data {cfg.data} is not a prepared dataset (no meta.json in {folder}); "
+                         "make one with python -m mlvicx_fast.data.prepare")
+    return folder, split
+
+
+def setup_distributed(cfg: Config):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        cfg.device = f"cuda:{local}"
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    if cfg.batch_size % world:
+        raise SystemExit(f"train: --batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    return dist.get_rank(), world
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+class RunLog:
+    """log.csv (a row per logged step), epochs.csv, TensorBoard events when tensorboard is installed."""
+
+    STEP_COLUMNS = ["step", "epoch", "lr", "loss", *TERMS, "pairs_per_s", "elapsed_s"]
+
+    def __init__(self, run: Path, resume: bool):
+        self.run = run
+        mode = "a" if resume else "w"
+        self._steps = open(run / "log.csv", mode, newline="")
+        self._epochs = open(run / "epochs.csv", mode, newline="")
+        self.steps = csv.DictWriter(self._steps, fieldnames=self.STEP_COLUMNS, extrasaction="ignore")
+        self.epochs = csv.DictWriter(self._epochs, fieldnames=["epoch", "steps", "mean_loss", "seconds"])
+        if not resume:
+            self.steps.writeheader()
+            self.epochs.writeheader()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+        except Exception:  # noqa: BLE001 - tensorboard is optional
+            self.tb = None
+
+    def step(self, row: Dict[str, float]) -> None:
+        self.steps.writerow(row)
+        if self.tb is not None:
+            for k in ("loss", "lr", "pairs_per_s", *TERMS):
+                if row.get(k) is not None:
+                    self.tb.add_scalar(k, row[k], row["step"])
+
+    def epoch(self, row: Dict[str, float]) -> None:
+        self.epochs.writerow(row)
+        self._steps.flush()
+        self._epochs.flush()
+
+    def close(self) -> None:
+        self._steps.close()
+        self._epochs.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_losses(run: Path) -> Optional[Path]:
+    """loss.png from log.csv: the total loss and the six unweighted terms against the step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib is not installed: no loss.png")
+        return None
+    with open(run / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    steps = [int(r["step"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(steps, [float(r["loss"]) for r in rows])
+    axes[0].set(title="MLVICX loss", xlabel="step", ylabel="loss")
+    for key in TERMS:
+        values = [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
+        if not all(math.isnan(v) for v in values):
+            axes[1].plot(steps, values, label=key)
+    axes[1].set(title="unweighted terms", xlabel="step", yscale="log")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = run / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+# options that may change when a run is continued; everything else comes from the checkpoint
+RESUME_OVERRIDES = ("resume", "out", "max_steps", "workers", "log_every", "ckpt_every", "keep", "device")
+
+
+def find_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    found = CheckpointManager(p / "checkpoints").list() if p.is_dir() else []
+    if not found:
+        raise SystemExit(f"train: --resume {path}: no checkpoint there (expected a .pt file or a run folder "
+                         "with checkpoints/ckpt-*.pt)")
+    return found[-1][1]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Interrupted(Exception):
+    pass
+
+
+def first_non_finite(steps: List[int], values: torch.Tensor) -> Optional[str]:
+    """values: (k, 7) = loss and the six terms of k steps. A message naming the first bad step/term."""
+    bad = ~torch.isfinite(values)
+    if not bool(bad.any()):
+        return None
+    row = int(bad.any(dim=1).nonzero()[0])
+    names = [name for name, b in zip(("loss", *TERMS), bad[row].tolist()) if b]
+    detail = ", ".join(f"{n} = {values[row, i].item()}" for i, n in enumerate(("loss", *TERMS)) if n in names)
+    return f"non-finite loss at step {steps[row]} ({detail})"
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+def main(argv: Optional[List[str]] = None) -> int:
+    cfg = parse_config(argv)
+    resumed: Optional[Dict[str, Any]] = None
+    if cfg.resume:
+        ckpt_path = find_checkpoint(cfg.resume)
+        resumed = load(ckpt_path)
+        saved = resumed["config"]
+        keep = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
+        cfg = Config(**{**saved, **{k: v for k, v in keep.items() if v not in (None, "", 0)}})
+        cfg.out = cfg.out or saved["out"]
+        cfg.device = "auto" if not keep["device"] else keep["device"]
+    cfg = resolve(cfg)
+    rank, world = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = torch.device(cfg.device)
+
+    data_dir, split = resolve_data(cfg)  # a missing or wrong --data stops here, before any other work
+    from .data.loader import make_loader
+
+    view_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    loader = make_loader(data_dir, split=split, mode="pretrain", batch_size=cfg.batch_size // world,
+                         size=cfg.image_size, workers=cfg.workers or None, device=device, seed=cfg.seed,
+                         channels=cfg.in_chans, backend=cfg.backend, out_dtype=view_dtype,
+                         rank=rank, world_size=world)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"train: {data_dir} split {split!r} holds fewer images than one batch of "
+                         f"{cfg.batch_size // world}; lower --batch-size")
+    schedule_steps = cfg.epochs * steps_per_epoch  # the lr schedule spans all epochs ...
+    total_steps = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps  # ... --max-steps only stops early
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+
+    run = Path(cfg.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+    cfg.out = str(run)
+    if is_main():
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    ckpts = CheckpointManager(run / "checkpoints", keep=cfg.keep)
+
+    # network, loss, optimiser, and the step that uses them
+    parts = build_training(cfg, device, world)
+    model, opt, scaler, lr_now = parts.model, parts.opt, parts.scaler, parts.lr
+    step = 0
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        opt.param_groups[0]["lr"] = lr_now
+        scaler.load_state_dict(resumed["scaler"])
+        set_rng_state(resumed["rng"])
+        step = resumed["step"]
+        say(f"resuming {run} at step {step} from {ckpt_path}")
+    present = torch.tensor([cfg.global_weight != 0] * 3 + [cfg.lambda_ != 0] * 3)
+    train_step = parts.step
+    run_step = train_step
+    if cfg.cuda_graph:
+        from .cuda_graph import GraphedStep
+
+        run_step = GraphedStep(train_step, model, opt)
+
+    log = RunLog(run, resume=resumed is not None) if is_main() else None
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        say("interrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to quit now)")
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    def save(reason: str) -> Optional[Path]:
+        if not is_main():
+            return None
+        state = dict(kind="mlvicx-pretrain", model=model.state_dict(), model_args=model_args(cfg),
+                     optimizer=_optimizer_state(opt), scaler=scaler.state_dict(), rng=rng_state(),
+                     step=step, epoch=step // steps_per_epoch, config=dataclasses.asdict(cfg), reason=reason)
+        return ckpts.save(step, state)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not is_main(), unit="step", dynamic_ncols=True)
+    pending_steps: List[int] = []
+    pending_lrs: List[float] = []
+    pending: List[torch.Tensor] = []
+    t_last, steps_last, start = time.perf_counter(), step, time.perf_counter()
+    epoch_losses: List[float] = []
+    status = 0
+    try:
+        while step < total_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            loader.set_epoch(epoch)
+            for i, (x1, x2) in enumerate(loader):
+                if i < offset:  # resuming inside an epoch: same order and augmentation draws as before
+                    continue
+                lr = warmup_cosine_lr(step, schedule_steps, warmup_steps, cfg.lr)
+                lr_now.fill_(lr)
+                values = run_step(x1, x2)
+                step += 1
+                pending_steps.append(step)
+                pending_lrs.append(lr)
+                pending.append(values)
+                end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+                ckpt_due = end_of_epoch or (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stop["requested"]
+                if len(pending) >= cfg.log_every or ckpt_due:
+                    vals = torch.stack(pending).cpu()
+                    vals[:, 1:][:, ~present] = 0.0
+                    problem = first_non_finite(pending_steps, vals)
+                    if problem:
+                        raise NonFiniteLoss(problem)
+                    now = time.perf_counter()
+                    rate = (step - steps_last) * cfg.batch_size / max(now - t_last, 1e-9)
+                    t_last, steps_last = now, step
+                    for s, lr_s, v in zip(pending_steps, pending_lrs, vals.tolist()):
+                        epoch_losses.append(v[0])
+                        if log is not None:
+                            row = dict(step=s, epoch=(s - 1) // steps_per_epoch, lr=lr_s, loss=v[0],
+                                       pairs_per_s=rate, elapsed_s=now - start)
+                            row.update({k: (x if p else "") for k, x, p in zip(TERMS, v[1:], present.tolist())})
+                            log.step(row)
+                    last = vals[-1].tolist()
+                    bar.set_postfix(loss=f"{last[0]:.3f}", inv=f"{last[1]:.3g}", var=f"{last[2]:.3g}",
+                                    cov=f"{last[3]:.3g}", pairs_s=f"{rate:.0f}")
+                    bar.update(len(pending))
+                    pending_steps, pending_lrs, pending = [], [], []
+                if ckpt_due:
+                    path = save("interrupt" if stop["requested"] else "epoch" if end_of_epoch else "step")
+                    if end_of_epoch and log is not None:
+                        log.epoch(dict(epoch=(step - 1) // steps_per_epoch, steps=len(epoch_losses),
+                                       mean_loss=sum(epoch_losses) / max(len(epoch_losses), 1),
+                                       seconds=time.perf_counter() - start))
+                        epoch_losses = []
+                    if stop["requested"]:
+                        raise Interrupted(path)
+                if step >= total_steps or end_of_epoch:
+                    break
+        if is_main():
+            final = dict(kind="mlvicx-pretrain", model=model.state_dict(), model_args=model_args(cfg),
+                         step=step, epoch=step // steps_per_epoch, config=dataclasses.asdict(cfg))
+            atomic_save(final, run / "final.pt")
+    except NonFiniteLoss as e:
+        last_good = ckpts.list()[-1][1] if ckpts.list() else None
+        say(f"stopping: {e}. Parameters after it are not saved; last good checkpoint: {last_good or 'none'}")
+        status = 1
+    except Interrupted as e:
+        say(f"interrupted at step {step}; saved {e.args[0]}; continue with --resume {run}")
+        status = 130
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous_handler)
+        if log is not None:
+            log.close()
+        if world > 1:
+            dist.destroy_process_group()
+    if is_main() and status == 0:
+        plot = plot_losses(run)
+        say(f"done: {step} steps; run folder {run} (final.pt, log.csv{', loss.png' if plot else ''})")
+    return status
+
+
+def _optimizer_state(opt: LARS) -> Dict[str, Any]:
+    """The optimiser state without the live lr tensor (the schedule recomputes it from the step)."""
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        group["lr"] = 0.0
+    return state
+
+
+if __name__ == "__main__":
+    sys.exit(main())

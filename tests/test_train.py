@@ -1,0 +1,206 @@
+"""python -m mlvicx_fast.train: options, run folder, exact resume, NaN stop, Ctrl-C, DDP on gloo."""
+import csv
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mlvicx_fast import train
+from mlvicx_fast.checkpoint import load
+from mlvicx_fast.data.prepare import ensure_phantom
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--image-size", "32", "--batch-size", "8", "--dim", "64", "--log-every", "1", "--epochs", "1",
+        "--no-compile", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="session")
+def phantom_npy(tmp_path_factory):
+    return ensure_phantom(tmp_path_factory.mktemp("phantom_npy"), n=64, seed=3, size=48, fmt="npy") / "nih"
+
+
+def _rows(run):
+    with open(Path(run) / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_help_names_every_option_with_default_and_example(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--preset", "--epochs", "--batch-size", "--lr", "--base-lr", "--warmup-epochs", "--lambda",
+                 "--global-weight", "--precision", "--compile", "--no-compile", "--cuda-graph", "--channels-last",
+                 "--workers", "--out", "--resume", "--seed", "--max-steps", "--in-chans", "--config"):
+        assert flag in text, flag
+    assert re.search(r"\(default:\s+0\.2\)", text) and "Examples:" in text
+
+
+def test_config_file_then_command_line(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "official"\nbatch-size = 48\nlambda = 0.5\nepochs = 7\n')
+    cfg = train.parse_config(["--config", str(toml), "--epochs", "9"])
+    assert (cfg.preset, cfg.batch_size, cfg.lambda_, cfg.epochs) == ("official", 48, 0.5, 9)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batchsize = 4\n")
+    with pytest.raises(SystemExit, match=r"unknown key 'batchsize' in .*bad.toml"):
+        train.parse_config(["--config", str(bad)])
+    yaml = pytest.importorskip("yaml")
+    y = tmp_path / "run.yaml"
+    y.write_text(yaml.safe_dump({"global_weight": 0.0, "seed": 5}))
+    cfg = train.parse_config(["--config", str(y)])
+    assert (cfg.global_weight, cfg.seed) == (0.0, 5)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: p / "nowhere", r"--data .*nowhere does not exist"),
+    (lambda p: p, r"is not a prepared dataset \(no meta.json"),
+])
+def test_bad_data_is_a_clear_error_before_any_work(tmp_path, make, match):
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit, match=match):
+        train.main(["--data", str(make(tmp_path)), "--out", str(tmp_path / "run"), *TINY])
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_folder_and_checkpoint_contract(phantom_npy, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "3", "--ckpt-every", "2",
+                       *TINY]) == 0
+    for name in ("config.json", "log.csv", "epochs.csv", "final.pt", "loss.png"):
+        assert (run / name).is_file(), name
+    rows = _rows(run)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["loss"]) > 0 and float(r["multi/cov"]) >= 0 for r in rows)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    final = load(run / "final.pt")
+    assert final["kind"] == "mlvicx-pretrain" and final["step"] == 3
+    assert final["model_args"] == {"preset": "paper", "in_chans": 3, "dim": 64, "final_bn": False}
+    from mlvicx_fast.evaluate import load_pretrained_encoder
+
+    enc = load_pretrained_encoder(run)
+    assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_resume_continues_exactly(phantom_npy, tmp_path):
+    args = ["--data", str(phantom_npy), *TINY]
+    assert train.main([*args, "--out", str(tmp_path / "whole"), "--max-steps", "5"]) == 0
+    assert train.main([*args, "--out", str(tmp_path / "split"), "--max-steps", "2"]) == 0
+    assert train.main(["--resume", str(tmp_path / "split"), "--max-steps", "5"]) == 0
+    whole, split = _rows(tmp_path / "whole"), _rows(tmp_path / "split")
+    assert [r["step"] for r in split] == ["1", "2", "3", "4", "5"]
+    for a, b in zip(whole, split):
+        assert a["loss"] == b["loss"] and a["lr"] == b["lr"], (a, b)  # bit for bit
+
+
+def test_non_finite_loss_stops_naming_step_and_term(phantom_npy, tmp_path, monkeypatch, capsys):
+    class Poisoned(train.MLVICXLoss):
+        calls = 0
+
+        def forward(self, *args, **kwargs):
+            loss, terms = super().forward(*args, **kwargs)
+            Poisoned.calls += 1
+            if Poisoned.calls == 3:
+                terms["multi/cov"] = terms["multi/cov"] * float("nan")
+                loss = loss * float("nan")
+            return loss, terms
+
+    monkeypatch.setattr(train, "MLVICXLoss", Poisoned)
+    run = tmp_path / "run"
+    code = train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "5", "--ckpt-every", "1", *TINY])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "non-finite loss at step 3 (loss = nan, multi/cov = nan)" in out
+    assert "last good checkpoint:" in out and "ckpt-00000002.pt" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "ckpt-00000002.pt"
+    assert not (run / "final.pt").exists()
+
+
+def test_ctrl_c_saves_and_exits(phantom_npy, tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out", str(run),
+                             *TINY, "--epochs", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "log.csv").is_file() and len(_rows(run)) >= 2):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert "interrupted at step" in out and f"--resume {run}" in out
+    assert "Traceback" not in out
+    saved = sorted((run / "checkpoints").iterdir())
+    assert saved and load(saved[-1])["reason"] == "interrupt"
+
+
+# ------------------------------------------------------------------------------ DDP on gloo
+WORLD = 2
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_step(cfg, world, x1, x2):
+    """One training step in float64: summation order then cannot flip a max or a ReLU between the
+    two runs (in float32 it sometimes does, and the max routes a whole gradient elsewhere)."""
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float64)
+    try:
+        parts = train.build_training(cfg, torch.device("cpu"), world)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    parts.lr.fill_(0.5)
+    before = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    parts.step(x1, x2)
+    return before, {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
+
+
+def _ddp_worker(rank, port, cfg, x1, x2, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        n = x1.shape[0] // WORLD
+        sl = slice(rank * n, (rank + 1) * n)
+        before, after = _one_step(cfg, WORLD, x1[sl], x2[sl])
+        if rank == 0:
+            torch.save({"before": before, "after": after}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_take_the_single_process_step(tmp_path):
+    cfg = train.resolve(train.Config(data="x", preset="paper", dim=64, image_size=32, batch_size=8, compile=False,
+                                     cuda_graph=False, channels_last=False, precision="fp32", device="cpu"))
+    x1, x2 = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    mp.spawn(_ddp_worker, args=(_free_port(), cfg, x1, x2, str(tmp_path / "ddp.pt")), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "ddp.pt")
+    before, after = _one_step(cfg, 1, x1, x2)
+    for k, v in before.items():
+        assert torch.equal(got["before"][k], v), k  # same initialisation
+    updates = {k: after[k] - before[k] for k in after if after[k].is_floating_point()}
+    overall = max(u.abs().max().item() for u in updates.values())  # biases feeding a BN get ~0 updates
+    for k in after:
+        if k in updates:
+            upd, upd_ddp = updates[k], got["after"][k] - before[k]
+            bound = 1e-6 * upd.abs().max().item() + 1e-9 * overall
+            assert (upd - upd_ddp).abs().max().item() <= bound, k
+        else:
+            assert torch.equal(after[k], got["after"][k]), k
