@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Sets up mlvicx_fast for the Python that `python3` (or $PYTHON) names, then returns.
 #
-#   bash scripts/setup.sh          # the package and what the main job needs
-#   bash scripts/setup.sh --data   # the same, plus the data stack: Pillow, pydicom, FFCV (+ apt libs)
-#   bash scripts/setup.sh --dev    # all of the above, plus what the test suite and benchmarks need
+#   bash scripts/setup.sh          # the package, the data stack (Pillow, pydicom, FFCV + its Debian
+#                                  # libraries) and the evaluation stack (scikit-learn, scipy, matplotlib)
+#   bash scripts/setup.sh --dev    # the same, plus what the test suite and benchmarks need
 #
 # torch: an installed torch is kept as it is (a GPU build included). With none installed, the CPU
 # build `torch==2.13.0+cpu` is installed (set MLVICX_TORCH to another pip spec to choose); the
@@ -15,13 +15,11 @@ set -euo pipefail
 usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 DEV=0
-DATA=0
 for arg in "$@"; do
   case "$arg" in
-    --dev) DEV=1; DATA=1 ;;
-    --data) DATA=1 ;;
+    --dev) DEV=1 ;;
     -h|--help) usage; exit 0 ;;
-    *) echo "setup.sh: unknown option '$arg' (expected --dev, --data or --help)" >&2; exit 2 ;;
+    *) echo "setup.sh: unknown option '$arg' (expected --dev or --help)" >&2; exit 2 ;;
   esac
 done
 
@@ -50,9 +48,8 @@ fi
 TORCH_CUDA=$("$PY" -c 'import torch; print(1 if torch.version.cuda else 0)')
 
 # 2. the package itself (editable, so the repository's benchmarks and tests use this checkout).
-extras=""
-[ "$DATA" = 1 ] && extras="[data]"
-[ "$DEV" = 1 ] && extras="[dev,data]"
+extras="[data,eval]"
+[ "$DEV" = 1 ] && extras="[dev,data,eval]"
 say "installing mlvicx_fast${extras}"
 pip_install -e ".${extras}"
 
@@ -71,30 +68,28 @@ fi
 #    below were checked together on Python 3.11; see the project's ENVIRONMENT notes). Without it
 #    everything still works through the --format npy path.
 FFCV_PINS="numpy==2.4.6 numba==0.68.1 llvmlite==0.50.0 opencv-python-headless==5.0.0.93 pillow==13.0.0 ffcv==1.0.2"
-if [ "$DATA" = 1 ]; then
-  if "$PY" -c 'import ffcv' 2>/dev/null; then
-    say "keeping the installed ffcv"
-  else
-    need=""
-    for pkg in pkg-config libturbojpeg0-dev libopencv-dev; do
-      dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
-    done
-    if [ -n "$need" ]; then
-      if command -v apt-get >/dev/null 2>&1; then
-        SUDO=""
-        [ "$(id -u)" = 0 ] || SUDO="sudo"
-        say "installing Debian packages FFCV builds against:$need"
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need >/dev/null
-      else
-        echo "setup.sh: FFCV needs the system packages$need (pkg-config, libturbojpeg, OpenCV 4 headers);" >&2
-        echo "install them with your package manager and run this script again." >&2
-        exit 1
-      fi
+if "$PY" -c 'import ffcv' 2>/dev/null; then
+  say "keeping the installed ffcv"
+else
+  need=""
+  for pkg in pkg-config libturbojpeg0-dev libopencv-dev; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
+  done
+  if [ -n "$need" ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+      SUDO=""
+      [ "$(id -u)" = 0 ] || SUDO="sudo"
+      say "installing Debian packages FFCV builds against:$need"
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need >/dev/null
+    else
+      echo "setup.sh: FFCV needs the system packages$need (pkg-config, libturbojpeg, OpenCV 4 headers);" >&2
+      echo "install them with your package manager and run this script again." >&2
+      exit 1
     fi
-    say "installing FFCV and its pinned set: $FFCV_PINS"
-    pip_install $FFCV_PINS
   fi
+  say "installing FFCV and its pinned set: $FFCV_PINS"
+  pip_install $FFCV_PINS
 fi
 
 say "done: $("$PY" -c 'import mlvicx_fast, torch; print("mlvicx_fast", mlvicx_fast.__version__, "with torch", torch.__version__)')"
