@@ -2,7 +2,8 @@
 # One call on a GPU machine (H100/H200): the test suite with the Triton kernels compiled (no
 # interpreter), then the benchmarks, then the speed-target table, printed last. Stages run in order
 # of importance, each under its own time limit, so a slow or failing stage leaves the others'
-# results; every log and result file is copied to $OUT when that is set (the device tool's folder).
+# results. Logs and results are archived in benchmarks/out/gpu_check.tgz (copied to $OUT when set).
+# STAGES="a b" runs only the named stages; GPU_TESTS overrides the test files of gpu_tests.
 #
 #   MLVICX_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh   # repository root; ~9 min
 #
@@ -15,15 +16,23 @@ RES=benchmarks/out/gpu_check   # every log and result; $OUT (when set) gets the 
 mkdir -p "$RES" benchmarks/out
 status=0
 
+# STAGES picks stages by name (default: all, in the order below)
+STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step bench_augment bench_network train_smoke profile_loss"}
 stage() {  # stage NAME SECONDS command...: run with a limit, log to $RES/NAME.log, keep going
   local name=$1 limit=$2
   shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" >"$RES/$name.log" 2>&1
   local rc=$?
   tail -n 12 "$RES/$name.log"
   [ $rc = 0 ] || { echo "!! $name exited with $rc"; status=1; }
   cp benchmarks/out/*.json benchmarks/out/*.md "$RES"/ 2>/dev/null
+  archive
+}
+archive() {  # one archive with every log and result so far, for transports that bring back few files
+  tar czf benchmarks/out/gpu_check.tgz -C "$RES" .
+  if [ -n "${OUT:-}" ]; then cp benchmarks/out/gpu_check.tgz "$OUT"/; fi
 }
 
 nvidia-smi -L || { echo "gpu_check: no NVIDIA GPU visible"; exit 1; }
@@ -31,9 +40,9 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 
 # 1. correctness with compiled kernels: the test files that launch GPU kernels (the rest is CPU-side
 #    and runs in CI)
-stage gpu_tests 170 python3 -m pytest tests/test_vicreg.py tests/test_loss_modules.py tests/test_context_bottleneck.py \
-  tests/test_aggregate.py tests/test_models.py tests/test_augment.py -q -p no:cacheprovider --benchmark-disable \
-  --maxfail=20 -rfEs
+GPU_TESTS=${GPU_TESTS:-"tests/test_vicreg.py tests/test_loss_modules.py tests/test_context_bottleneck.py tests/test_aggregate.py tests/test_models.py tests/test_augment.py"}
+# shellcheck disable=SC2086
+stage gpu_tests 170 python3 -m pytest $GPU_TESTS -q -p no:cacheprovider --benchmark-disable --maxfail=20 -rfEs
 # 2. fused loss: all shapes, fp32 + bf16; the compiled official formula where its target is set
 stage bench_loss 60 python3 benchmarks/bench_loss.py --device cuda --compile-shapes 64x2048
 # 3. context bottleneck at the five taps, batch 64, bf16 channels_last: eager, compiled, fused
@@ -45,9 +54,17 @@ stage bench_augment 30 python3 benchmarks/bench_augment.py --device cuda
 # 6. network forward + backward, one view (aggregation memory target)
 stage bench_network 40 python3 benchmarks/bench_network.py --batches 64,256
 
+# 7. the training command on a small phantom set (npy: no FFCV here), GPU defaults (bf16, compile,
+#    CUDA graph), then without compile and graph: pairs/s from each run's log.csv
+stage train_smoke 200 bash -c 'set -e
+  python3 -c "from mlvicx_fast.data.prepare import ensure_phantom; ensure_phantom(\"/tmp/ph\", n=768, fmt=\"npy\")"
+  python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 40 --out /tmp/run_graph
+  python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 20 --no-compile --no-cuda-graph --out /tmp/run_eager
+  for r in graph eager; do echo "$r: last rows of log.csv"; tail -n 3 /tmp/run_$r/log.csv; done'
+stage profile_loss 40 python3 benchmarks/profile_loss.py --shape 64x2048
+
 echo "== targets"
 python3 benchmarks/targets.py --dir benchmarks/out | tee "$RES/targets.md"
-# one archive with every log and result, for transports that bring back only a few files
-tar czf benchmarks/out/gpu_check.tgz -C "$RES" .
-if [ -n "${OUT:-}" ]; then cp benchmarks/out/gpu_check.tgz "$RES/targets.md" "$OUT"/; fi
+archive
+if [ -n "${OUT:-}" ]; then cp "$RES/targets.md" "$OUT"/; fi
 exit $status
