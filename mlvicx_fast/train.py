@@ -8,8 +8,8 @@ kept), final.pt, loss.png, and TensorBoard events when tensorboard is installed.
 
 The step: two augmented views of each image (fused GPU augmentation), the MLVICX network on each
 view, MLVICXLoss = global_weight * VICReg(z1, z2) + lambda * VICReg(m1, m2), backward, LARS with
-warmup + cosine. On a GPU: bf16 autocast, channels_last, torch.compile and the whole step in one
-CUDA graph; each can be turned off for comparison.
+warmup + cosine. On a GPU: bf16 autocast, channels_last and the whole step in one CUDA graph (each
+can be turned off for comparison); --compile adds torch.compile of the network.
 
 Examples:
   python -m mlvicx_fast.train                                   # built-in default, any machine
@@ -66,7 +66,8 @@ class Config:
     in_chans: int = field(default=3, metadata=dict(choices=[1, 3], help="network input channels (3: gray replicated)"))
     precision: str = field(default="auto", metadata=dict(
         choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision (auto: bf16 on GPU, fp32 on CPU)"))
-    compile: Optional[bool] = field(default=None, metadata=dict(help="torch.compile the network (default: on GPU)"))
+    compile: bool = field(default=False, metadata=dict(
+        help="torch.compile the network (off by default until measured together with the CUDA graph)"))
     cuda_graph: Optional[bool] = field(default=None, metadata=dict(
         help="capture the whole step in one CUDA graph (default: on GPU)"))
     channels_last: Optional[bool] = field(default=None, metadata=dict(help="channels_last memory format (default: on GPU)"))
@@ -163,7 +164,7 @@ def resolve(cfg: Config) -> Config:
     cfg.device = ("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device
     if cfg.precision == "auto":
         cfg.precision = "bf16" if cuda else "fp32"
-    for name in ("compile", "cuda_graph", "channels_last"):
+    for name in ("cuda_graph", "channels_last"):
         if getattr(cfg, name) is None:
             setattr(cfg, name, cuda)
     if cfg.cuda_graph and not cuda:

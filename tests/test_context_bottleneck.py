@@ -61,7 +61,7 @@ def test_max_ties_route_to_first_index(channels_last):
     """Integer-valued x and W2 = 0 (so a = 1/2 exactly): the spatial and the channel maxima tie
     often. Like torch.max / adaptive_max_pool2d, the whole gradient goes to the first index."""
     x, w1, w2, ws = make_inputs((2, 16, 9, 10), torch.float32, channels_last)
-    x = torch.randint(-2, 3, x.shape).float().contiguous(
+    x = torch.randint(-2, 3, x.shape, device=x.device).float().contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     w2 = torch.zeros_like(w2)
     k = 0.5 * x
