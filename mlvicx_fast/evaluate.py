@@ -556,6 +556,14 @@ def _versions() -> Dict[str, str]:
     return {"mlvicx_fast": getattr(mlvicx_fast, "__version__", "?"), "torch": torch.__version__}
 
 
+
+def _check_protocols_and_epochs(protocols, epochs: int) -> None:
+    for p in protocols:
+        if p not in PROTOCOLS:
+            raise EvaluationError(f"unknown protocol {p!r}; expected one of {PROTOCOLS}")
+    if epochs < 1:
+        raise EvaluationError(f"epochs must be >= 1, got {epochs}")
+
 def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fractions: Sequence[float] = CLS_FRACTIONS,
             seeds: Sequence[int] = (0, 1, 2), *, with_context: bool = False, in_chans: Optional[int] = None,
             batch: Optional[int] = None, lr: Optional[float] = None, epochs: int = 100, patience: int = 10,
@@ -574,11 +582,7 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
     if prepared.task not in ("multilabel", "binary"):
         raise EvaluationError(f"{prepared.folder} holds a {prepared.task!r} dataset ({prepared.dataset}); "
                               "evaluate cls needs NIH, VinBig or RSNA (use evaluate seg for SIIM)")
-    for p in protocols:
-        if p not in PROTOCOLS:
-            raise EvaluationError(f"unknown protocol {p!r}; expected one of {PROTOCOLS}")
-    if epochs < 1:
-        raise EvaluationError(f"epochs must be >= 1, got {epochs}")
+    _check_protocols_and_epochs(protocols, epochs)
     pairs = _normalise_methods(methods)
     fractions = [float(f) for f in fractions]
     for f in fractions:
@@ -819,11 +823,7 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
     if prepared.task != "segmentation":
         raise EvaluationError(f"{prepared.folder} holds a {prepared.task!r} dataset ({prepared.dataset}); "
                               "evaluate seg needs prepared SIIM-ACR masks")
-    for p in protocols:
-        if p not in PROTOCOLS:
-            raise EvaluationError(f"unknown protocol {p!r}; expected one of {PROTOCOLS}")
-    if epochs < 1:
-        raise EvaluationError(f"epochs must be >= 1, got {epochs}")
+    _check_protocols_and_epochs(protocols, epochs)
     if image_size is not None and image_size % 32:
         raise EvaluationError(f"--image-size must be a multiple of 32 for the U-Net, got {image_size}")
     pairs = _normalise_methods(methods)
