@@ -204,3 +204,16 @@ def test_two_gloo_processes_take_the_single_process_step(tmp_path):
             assert (upd - upd_ddp).abs().max().item() <= bound, k
         else:
             assert torch.equal(after[k], got["after"][k]), k
+
+
+@pytest.mark.parametrize("flag, absent", [("--lambda", "multi"), ("--global-weight", "global")])
+def test_ablation_flags_drop_one_loss(phantom_npy, tmp_path, flag, absent):
+    run = tmp_path / "run"
+    assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "2", flag, "0", *TINY]) == 0
+    kept = "global" if absent == "multi" else "multi"
+    for row in _rows(run):
+        assert all(row[f"{absent}/{t}"] == "" for t in ("inv", "var", "cov"))  # not computed, not logged
+        assert all(float(row[f"{kept}/{t}"]) >= 0 for t in ("inv", "var", "cov"))
+        terms = {t: float(row[f"{kept}/{t}"]) for t in ("inv", "var", "cov")}
+        # the loss is the kept VICReg loss alone (weight 1): 25 inv + 25 var + 1 cov
+        assert float(row["loss"]) == pytest.approx(25 * terms["inv"] + 25 * terms["var"] + terms["cov"], rel=1e-5)
