@@ -441,10 +441,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         ckpt_path = find_checkpoint(cfg.resume)
         resumed = load(ckpt_path)
         saved = resumed["config"]
+        ignored = sorted(set(vars(build_parser().parse_args(argv))) - set(RESUME_OVERRIDES) - {"config"})
+        if ignored:
+            say(f"--resume keeps the run's own settings; ignoring {', '.join('--' + k for k in ignored)}")
         keep = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
         cfg = Config(**{**saved, **{k: v for k, v in keep.items() if v not in (None, "", 0)}})
-        cfg.out = cfg.out or saved["out"]
-        cfg.device = "auto" if not keep["device"] else keep["device"]
     cfg = resolve(cfg)
     rank, world = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
