@@ -39,6 +39,7 @@ from .checkpoint import CheckpointManager, atomic_save, load, rng_state, set_rng
 from .nn.loss import MLVICXLoss
 from .optim import LARS, scaled_lr, warmup_cosine_lr
 
+BUILTIN_LR = 1.0  # peak lr of the built-in default run (see resolve)
 TERMS = ("global/inv", "global/var", "global/cov", "multi/inv", "multi/var", "multi/cov")
 
 
@@ -54,7 +55,8 @@ class Config:
     dim: int = field(default=0, metadata=dict(help="expander width D (0: the preset's, 2048 paper / 4096 official)"))
     epochs: int = field(default=0, metadata=dict(help="epochs (0: 300, or the built-in default's)"))
     batch_size: int = field(default=0, metadata=dict(help="images per view per step, over all processes (0: default)"))
-    lr: float = field(default=0.0, metadata=dict(help="peak learning rate (0: base_lr * batch_size / 256)"))
+    lr: float = field(default=0.0, metadata=dict(
+        help="peak learning rate (0: base_lr * batch_size / 256; 1.0 for the built-in default run)"))
     base_lr: float = field(default=0.2, metadata=dict(help="learning rate per 256 images (official 0.2)"))
     warmup_epochs: Optional[float] = field(default=None, metadata=dict(
         help="linear warmup length in epochs (default: 2, the official code; 10%% of a built-in default run)"))
@@ -184,7 +186,10 @@ def resolve(cfg: Config) -> Config:
     if cfg.log_every == 0:
         cfg.log_every = 10 if cuda else 1
     if cfg.lr == 0.0:
-        cfg.lr = scaled_lr(cfg.base_lr, cfg.batch_size)
+        # the official rule gives 0.025 at batch 32, and LARS (eta 1e-3) then moves the weights by
+        # ~2.5e-5 of their norm per step: a built-in run of a few hundred steps learns nothing.
+        # Measured on the phantom demo: peak lr 1.0 gives +0.053 mean AUC over random init, 0.025 +0.024.
+        cfg.lr = BUILTIN_LR if builtin else scaled_lr(cfg.base_lr, cfg.batch_size)
     return cfg
 
 
