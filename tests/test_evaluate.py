@@ -332,3 +332,13 @@ def test_beton_and_npy_read_the_same(tmp_path, phantom):
     assert all(np.array_equal(a[k], b[k]) for k in a)
     import gc
     gc.collect()  # let the FFCV loaders go here, where the warning filter applies, not at exit
+
+
+def test_demo_help_says_what_it_runs_and_expects(capsys):
+    from mlvicx_fast.evaluate import main as evaluate_main
+
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["demo", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "at least 0.05 mean AUC" in text and "--ablations" in text and "--pretrained" in text
