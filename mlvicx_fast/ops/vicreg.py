@@ -442,8 +442,7 @@ def _vicreg_fwd(
     z1: torch.Tensor, z2: torch.Tensor, sim: float, std: float, cov: float, eps: float,
     need_grad: bool, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _forward_triton if backend == "triton" else _forward_torch
-    return impl(z1, z2, sim, std, cov, eps, need_grad)
+    return _IMPLS[backend](z1, z2, sim, std, cov, eps, need_grad)
 
 
 @_vicreg_fwd.register_fake
@@ -471,6 +470,25 @@ def _backward(ctx, grad_out, _g1, _g2):
 
 
 _vicreg_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+_IMPLS = {"triton": _forward_triton, "torch": _forward_torch}
+
+
+class _VICRegFunction(torch.autograd.Function):
+    """The eager path: the same forward (gradients included) and in-place backward as the custom op."""
+
+    @staticmethod
+    def forward(ctx, z1, z2, sim, std, cov, eps, backend):
+        out, dz1, dz2 = _IMPLS[backend](z1, z2, sim, std, cov, eps, True)
+        ctx.save_for_backward(dz1, dz2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dz1, dz2 = ctx.saved_tensors
+        g = grad_out[0]
+        return dz1.mul_(g), dz2.mul_(g), None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -587,7 +605,12 @@ def vicreg_loss(
             return loss, {k: v for (k, v), c in zip(terms.items(), (sim, std, cov)) if c != 0.0}
         return loss
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
-    out, _, _ = _vicreg_fwd(z1, z2, sim, std, cov, eps, need_grad, backend)
+    if torch.compiler.is_compiling():  # one opaque node for torch.compile
+        out, _, _ = _vicreg_fwd(z1, z2, sim, std, cov, eps, need_grad, backend)
+    elif need_grad:  # eager: a plain autograd.Function costs far less host time than the custom op
+        out = _VICRegFunction.apply(z1, z2, sim, std, cov, eps, backend)
+    else:
+        out = _IMPLS[backend](z1, z2, sim, std, cov, eps, False)[0]
     loss = out[0]
     if not return_terms:
         return loss
