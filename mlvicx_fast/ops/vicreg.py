@@ -121,26 +121,46 @@ if HAS_TRITON:
             tl.store(part + 4, tl.sum(tl.where(cmask, v2 * v2, 0.0), axis=0))
 
     @triton.jit
+    def _gram_epilogue(acc, rm, rn, M, out_ptr, part, pid_m, pid_n, scale, TRANSPOSED: tl.constexpr):
+        """Scale a finished tile (zero its diagonal in the r x r form), store it and its mirror, and
+        write the sum of squares it adds to the Frobenius norm."""
+        acc = acc * scale
+        if TRANSPOSED:
+            acc = tl.where(rm[:, None] == rn[None, :], 0.0, acc)
+        omask = (rm < M)[:, None] & (rn < M)[None, :]
+        tl.store(out_ptr + rm[:, None] * M + rn[None, :], acc, mask=omask)
+        sq = tl.sum(tl.sum(tl.where(omask, acc * acc, 0.0), axis=1), axis=0)
+        if pid_n != pid_m:
+            tl.store(out_ptr + rn[None, :] * M + rm[:, None], acc, mask=omask)
+            sq = sq * 2.0
+        tl.store(part, sq)
+
+    @triton.jit
     def _gram_kernel(
         z1_ptr, z2_ptr, sb, sr,
-        mean_ptr, out_ptr, part_ptr,
-        b, r, scale,
-        TRANSPOSED: tl.constexpr, PREC: tl.constexpr,
+        mean_ptr, out_ptr, part_ptr, partial_ptr,
+        b, r, scale, k_chunk,
+        TRANSPOSED: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
     ):
-        """One BM x BM tile of X X^T * scale for view program_id(2), X the centred input.
+        """One BM x BM tile of X X^T * scale, X the centred input of one view.
 
         TRANSPOSED=False: X = Zc (b x r), reduction over r; out is the (b x b) matrix G/(b-1).
         TRANSPOSED=True:  X = Zc^T (r x r result), reduction over b; the diagonal is zeroed so out
-        is C - diag(C). Only tiles with pid_n >= pid_m are computed and mirrored. Each program
-        writes the sum of squares its tile(s) add to the Frobenius norm into part."""
+        is C - diag(C). Only tiles with pid_n >= pid_m are computed and mirrored.
+        program_id(2) = view * n_split + split. SPLIT=False: one program reduces all of K and
+        finishes the tile (_gram_epilogue). SPLIT=True (few tiles, long K): each program reduces
+        k_chunk of K into partial[view, split] and _gram_reduce_kernel finishes the tile."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        view = tl.program_id(2)
+        n_split = tl.num_programs(2) // 2
+        view = tl.program_id(2) // n_split
+        split = tl.program_id(2) % n_split
         n_tiles = tl.num_programs(0) * tl.num_programs(1)
         part = part_ptr + view * n_tiles + pid_m * tl.num_programs(1) + pid_n
         if pid_n < pid_m:
-            tl.store(part, 0.0)
+            if not SPLIT:
+                tl.store(part, 0.0)
             return
         if view == 0:
             z_ptr = z1_ptr
@@ -153,15 +173,17 @@ if HAS_TRITON:
         else:
             M = b
             K = r
+        k_begin = split * k_chunk
+        k_end = tl.minimum(K, k_begin + k_chunk)
         rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
         rn = (pid_n * BM + tl.arange(0, BM)).to(tl.int64)
         acc = tl.zeros([BM, BM], dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        for k0 in range(k_begin, k_end, BK):
             rk = (k0 + tl.arange(0, BK)).to(tl.int64)
             if TRANSPOSED:
                 # tiles Z[k, m] and Z[k, n]; centre by the column means of m and n
-                ma = (rk < K)[:, None] & (rm < M)[None, :]
-                mb = (rk < K)[:, None] & (rn < M)[None, :]
+                ma = (rk < k_end)[:, None] & (rm < M)[None, :]
+                mb = (rk < k_end)[:, None] & (rn < M)[None, :]
                 a = tl.load(z_ptr + rk[:, None] * sb + rm[None, :] * sr, mask=ma, other=0.0).to(tl.float32)
                 bt = tl.load(z_ptr + rk[:, None] * sb + rn[None, :] * sr, mask=mb, other=0.0).to(tl.float32)
                 mu_m = tl.load(mean + rm, mask=rm < M, other=0.0)
@@ -171,25 +193,43 @@ if HAS_TRITON:
                 acc = tl.dot(tl.trans(a), bt, acc, input_precision=PREC)
             else:
                 # tiles Z[m, k] and Z[n, k]; centre by the column means of k
-                ma = (rm < M)[:, None] & (rk < K)[None, :]
-                mb = (rn < M)[:, None] & (rk < K)[None, :]
+                ma = (rm < M)[:, None] & (rk < k_end)[None, :]
+                mb = (rn < M)[:, None] & (rk < k_end)[None, :]
                 a = tl.load(z_ptr + rm[:, None] * sb + rk[None, :] * sr, mask=ma, other=0.0).to(tl.float32)
                 bt = tl.load(z_ptr + rn[:, None] * sb + rk[None, :] * sr, mask=mb, other=0.0).to(tl.float32)
                 mu_k = tl.load(mean + rk, mask=rk < K, other=0.0)
                 a = tl.where(ma, a - mu_k[None, :], 0.0)
                 bt = tl.where(mb, bt - mu_k[None, :], 0.0)
                 acc = tl.dot(a, tl.trans(bt), acc, input_precision=PREC)
-        acc = acc * scale
-        if TRANSPOSED:
-            acc = tl.where(rm[:, None] == rn[None, :], 0.0, acc)
+        if SPLIT:
+            omask = (rm < M)[:, None] & (rn < M)[None, :]
+            tile = partial_ptr + (view * n_split + split).to(tl.int64) * M * M
+            tl.store(tile + rm[:, None] * M + rn[None, :], acc, mask=omask)
+        else:
+            _gram_epilogue(acc, rm, rn, M, out_ptr + view * M * M, part, pid_m, pid_n, scale, TRANSPOSED)
+
+    @triton.jit
+    def _gram_reduce_kernel(
+        partial_ptr, out_ptr, part_ptr, M, n_split, scale,
+        TRANSPOSED: tl.constexpr, BM: tl.constexpr,
+    ):
+        """Sum the n_split partial tiles of _gram_kernel (SPLIT=True) and finish the tile."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        view = tl.program_id(2)
+        n_tiles = tl.num_programs(0) * tl.num_programs(1)
+        part = part_ptr + view * n_tiles + pid_m * tl.num_programs(1) + pid_n
+        if pid_n < pid_m:
+            tl.store(part, 0.0)
+            return
+        rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+        rn = (pid_n * BM + tl.arange(0, BM)).to(tl.int64)
         omask = (rm < M)[:, None] & (rn < M)[None, :]
-        out = out_ptr + view * M * M
-        tl.store(out + rm[:, None] * M + rn[None, :], acc, mask=omask)
-        sq = tl.sum(tl.sum(tl.where(omask, acc * acc, 0.0), axis=1), axis=0)
-        if pid_n != pid_m:
-            tl.store(out + rn[None, :] * M + rm[:, None], acc, mask=omask)
-            sq = sq * 2.0
-        tl.store(part, sq)
+        acc = tl.zeros([BM, BM], dtype=tl.float32)
+        for split in range(0, n_split):
+            tile = partial_ptr + (view * n_split + split).to(tl.int64) * M * M
+            acc += tl.load(tile + rm[:, None] * M + rn[None, :], mask=omask, other=0.0)
+        _gram_epilogue(acc, rm, rn, M, out_ptr + view * M * M, part, pid_m, pid_n, scale, TRANSPOSED)
 
     @triton.jit
     def _grad_kernel(
@@ -316,6 +356,16 @@ def _tile_sizes(b: int, r: int) -> Dict[str, int]:
     return dict(stats_b=32, stats_r=64, gram_m=64, gram_k=32, grad_m=64, grad_n=64, grad_k=32, warps=4)
 
 
+def _gram_split(tiles: int, k_dim: int, bk: int):
+    """(k_chunk, n_split) for the Gram reduction: with few tiles (small b, or small r when b > r)
+    one program per tile would walk all of K alone, so K is split until there are ~128 programs
+    per view, each with at least 4 steps of BK; with many tiles, no split."""
+    steps = triton.cdiv(k_dim, bk)
+    n_split = max(1, min(32, 128 // tiles, steps // 4))
+    k_chunk = triton.cdiv(steps, n_split) * bk
+    return k_chunk, triton.cdiv(k_dim, k_chunk)
+
+
 def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
     b, r = z1.shape
     dev = z1.device
@@ -342,14 +392,22 @@ def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
 
     m_dim = r if transposed else b
     if has_cov:
-        gm = t["gram_m"]
+        gm, gk = t["gram_m"], t["gram_k"]
         n_m = triton.cdiv(m_dim, gm)
+        k_dim = b if transposed else r
+        k_chunk, n_split = _gram_split(n_m * (n_m + 1) // 2, k_dim, gk)
         gram = torch.empty(2, m_dim, m_dim, device=dev, dtype=torch.float32)
         gram_part = torch.empty(2, n_m * n_m, device=dev, dtype=torch.float32)
-        _gram_kernel[(n_m, n_m, 2)](
-            z1, z2, *strides, mean, gram, gram_part, b, r, 1.0 / (b - 1),
-            TRANSPOSED=transposed, PREC=prec, BM=gm, BK=t["gram_k"], num_warps=t["warps"],
+        partial = torch.empty(2, n_split, m_dim, m_dim, device=dev, dtype=torch.float32) if n_split > 1 else gram
+        _gram_kernel[(n_m, n_m, 2 * n_split)](
+            z1, z2, *strides, mean, gram, gram_part, partial, b, r, 1.0 / (b - 1), k_chunk,
+            TRANSPOSED=transposed, SPLIT=n_split > 1, PREC=prec, BM=gm, BK=gk, num_warps=t["warps"],
         )
+        if n_split > 1:
+            _gram_reduce_kernel[(n_m, n_m, 2)](
+                partial, gram, gram_part, m_dim, n_split, 1.0 / (b - 1),
+                TRANSPOSED=transposed, BM=gm, num_warps=t["warps"],
+            )
     else:
         gram = gram_part = stat_part  # placeholders, never read
     n_gram = gram_part.shape[1] if has_cov else 0
