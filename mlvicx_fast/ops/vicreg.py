@@ -419,7 +419,8 @@ def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
         _grad_kernel[(triton.cdiv(b, bm), triton.cdiv(r, bn), 2)](
             z1, z2, *strides, dz1, dz2, mean, var, gram, b, r, eps,
             2.0 * sim / (b * r), std / (2.0 * r * (b - 1)), 4.0 * cov / (r * (b - 1)),
-            HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, TRANSPOSED=transposed, PREC=prec, BM=bm, BN=bn, BK=t["grad_k"], num_warps=t["warps"],
+            HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, TRANSPOSED=transposed, PREC=prec,
+            BM=bm, BN=bn, BK=t["grad_k"], num_warps=t["warps"],
         )
     else:
         dz1, dz2 = z1.new_empty(0), z2.new_empty(0)  # outputs of a custom op may not alias
@@ -519,12 +520,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _g1, _g2):
     if not ctx.need_grad:
         raise RuntimeError("vicreg_loss: the loss was computed without gradients (no input required grad)")
+    return (*_hand_over_grads(ctx, grad_out), None, None, None, None, None, None)
+
+
+def _hand_over_grads(ctx, grad_out):
+    """The gradients saved by the forward, scaled in place by dL/dloss and handed over: no second
+    full-size buffer and no host sync (a CUDA graph can capture it). A second backward through the
+    same forward is refused by autograd's version check on the saved tensors. Only the loss entry
+    of the output is differentiable; the terms are for logging."""
     dz1, dz2 = ctx.saved_tensors
-    g = grad_out[0]  # only the loss entry is differentiable; the terms are for logging
-    # Scale the saved gradients in place and hand them over: no second full-size buffer, and no
-    # host sync (a CUDA graph can capture it). A second backward through the same forward is
-    # refused by autograd's version check on the saved tensors.
-    return dz1.mul_(g), dz2.mul_(g), None, None, None, None, None, None
+    g = grad_out[0]
+    return dz1.mul_(g), dz2.mul_(g)
 
 
 _vicreg_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -544,9 +550,7 @@ class _VICRegFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        dz1, dz2 = ctx.saved_tensors
-        g = grad_out[0]
-        return dz1.mul_(g), dz2.mul_(g), None, None, None, None, None
+        return (*_hand_over_grads(ctx, grad_out), None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------
