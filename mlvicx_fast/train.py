@@ -333,7 +333,6 @@ class RunLog:
     STEP_COLUMNS = ["step", "epoch", "lr", "loss", *TERMS, "pairs_per_s", "elapsed_s"]
 
     def __init__(self, run: Path, resume: bool):
-        self.run = run
         mode = "a" if resume else "w"
         self._steps = open(run / "log.csv", mode, newline="")
         self._epochs = open(run / "epochs.csv", mode, newline="")
@@ -353,7 +352,7 @@ class RunLog:
         self.steps.writerow(row)
         if self.tb is not None:
             for k in ("loss", "lr", "pairs_per_s", *TERMS):
-                if row.get(k) is not None:
+                if isinstance(row.get(k), (int, float)):  # a term of a zero-weight loss is logged as ""
                     self.tb.add_scalar(k, row[k], row["step"])
 
     def epoch(self, row: Dict[str, float]) -> None:
@@ -496,13 +495,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         set_rng_state(resumed["rng"])
         step = resumed["step"]
         say(f"resuming {run} at step {step} from {ckpt_path}")
-    present = torch.tensor([cfg.global_weight != 0] * 3 + [cfg.lambda_ != 0] * 3)
-    train_step = parts.step
-    run_step = train_step
+    present = [cfg.global_weight != 0] * 3 + [cfg.lambda_ != 0] * 3
+    run_step = parts.step
     if cfg.cuda_graph:
         from .cuda_graph import GraphedStep
 
-        run_step = GraphedStep(train_step, model, opt)
+        run_step = GraphedStep(parts.step, model, opt)
 
     log = RunLog(run, resume=resumed is not None) if is_main() else None
     stop = {"requested": False}
@@ -515,12 +513,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
 
+    def weights_state() -> Dict[str, Any]:
+        """What evaluation needs (final.pt); step checkpoints add what resuming needs."""
+        return dict(kind="mlvicx-pretrain", model=model.state_dict(), model_args=model_args(cfg),
+                    step=step, epoch=step // steps_per_epoch, config=dataclasses.asdict(cfg))
+
     def save(reason: str) -> Optional[Path]:
         if not is_main():
             return None
-        state = dict(kind="mlvicx-pretrain", model=model.state_dict(), model_args=model_args(cfg),
-                     optimizer=_optimizer_state(opt), scaler=scaler.state_dict(), rng=rng_state(),
-                     step=step, epoch=step // steps_per_epoch, config=dataclasses.asdict(cfg), reason=reason)
+        state = dict(weights_state(), optimizer=_optimizer_state(opt), scaler=scaler.state_dict(),
+                     rng=rng_state(), reason=reason)
         return ckpts.save(step, state)
 
     from tqdm import tqdm
@@ -549,8 +551,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
                 ckpt_due = end_of_epoch or (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stop["requested"]
                 if len(pending) >= cfg.log_every or ckpt_due:
-                    vals = torch.stack(pending).cpu()
-                    vals[:, 1:][:, ~present] = 0.0
+                    vals = torch.stack(pending).cpu()  # absent terms are 0 (see build_training's step)
                     problem = first_non_finite(pending_steps, vals)
                     if problem:
                         raise NonFiniteLoss(problem)
@@ -562,7 +563,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         if log is not None:
                             row = dict(step=s, epoch=(s - 1) // steps_per_epoch, lr=lr_s, loss=v[0],
                                        pairs_per_s=rate, elapsed_s=now - start)
-                            row.update({k: (x if p else "") for k, x, p in zip(TERMS, v[1:], present.tolist())})
+                            row.update({k: (x if p else "") for k, x, p in zip(TERMS, v[1:], present)})
                             log.step(row)
                     last = vals[-1].tolist()
                     bar.set_postfix(loss=f"{last[0]:.3f}", inv=f"{last[1]:.3g}", var=f"{last[2]:.3g}",
@@ -581,12 +582,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if step >= total_steps or end_of_epoch:
                     break
         if is_main():
-            final = dict(kind="mlvicx-pretrain", model=model.state_dict(), model_args=model_args(cfg),
-                         step=step, epoch=step // steps_per_epoch, config=dataclasses.asdict(cfg))
-            atomic_save(final, run / "final.pt")
+            atomic_save(weights_state(), run / "final.pt")
     except NonFiniteLoss as e:
-        last_good = ckpts.list()[-1][1] if ckpts.list() else None
-        say(f"stopping: {e}. Parameters after it are not saved; last good checkpoint: {last_good or 'none'}")
+        good = ckpts.list()
+        say(f"stopping: {e}. Parameters after it are not saved; last good checkpoint: "
+            f"{good[-1][1] if good else 'none'}")
         status = 1
     except Interrupted as e:
         say(f"interrupted at step {step}; saved {e.args[0]}; continue with --resume {run}")
