@@ -7,8 +7,9 @@ Providers (same run, same synthetic data; views of size x size):
              blocks, the official r x r loss
   bare       ResNet18 + global expander only (no context blocks, no second head), bf16 autocast,
              channels_last, fused loss, CUDA graph on GPU: the floor ours is compared with
-  ours       MLVICX with the fused context blocks, exact aggregation, fused loss, bf16 autocast,
-             channels_last, whole step in one CUDA graph on GPU (+ torch.compile with --compile)
+  ours       the training command's own step (mlvicx_fast.train.build_training): MLVICX with the
+             fused context blocks, exact aggregation, fused loss, bf16 autocast, channels_last,
+             whole step in one CUDA graph on GPU (+ torch.compile with --compile)
   ours+aug   ours fed from uint8 (N, 256, 256) batches on the device through the fused two-view
              augmentation kernel each step (the loader's GPU side), outside the graph
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path[:0] = [str(ROOT), str(ROOT.parent)]
 from common import bench, meta, write_results  # noqa: E402
 
-from mlvicx_fast import MLVICXLoss, VICRegLoss  # noqa: E402
+from mlvicx_fast import MLVICXLoss, VICRegLoss, train  # noqa: E402
 from mlvicx_fast.cuda_graph import GraphedStep  # noqa: E402
 from mlvicx_fast.models.mlvicx import MLVICX, expander  # noqa: E402
 from mlvicx_fast.models.resnet import ResNet18  # noqa: E402
@@ -50,22 +51,29 @@ class Bare(torch.nn.Module):
 
 
 def build(provider: str, preset: str, device: str, compile_: bool):
-    fast = provider != "official"
+    cuda = device == "cuda"
+    if provider in ("ours", "ours+aug"):  # exactly the training command's step
+        cfg = train.resolve(train.Config(data="synthetic", preset=preset, compile=compile_, cuda_graph=cuda,
+                                         channels_last=cuda, precision="bf16" if cuda else "fp32", device=device))
+        parts = train.build_training(cfg, torch.device(device))
+        parts.lr.fill_(0.05)
+        return GraphedStep(parts.step, parts.model, parts.opt) if cuda else parts.step
+    fast = provider == "bare"
     if provider == "bare":
         from mlvicx_fast.models.mlvicx import PRESETS
 
         net = Bare(**PRESETS[preset])
         loss_fn = VICRegLoss()
-    else:
-        net = MLVICX(preset=preset, backend="auto" if fast else "torch", aggregation="exact" if fast else "official")
-        loss_fn = MLVICXLoss(backend="auto" if fast else "reference")
+    else:  # the official recipe
+        net = MLVICX(preset=preset, backend="torch", aggregation="official")
+        loss_fn = MLVICXLoss(backend="reference")
     net = net.to(device).train()
-    if fast and device == "cuda":
+    if fast and cuda:
         net = net.to(memory_format=torch.channels_last)
     lr = torch.full((), 0.05, device=device)
     opt = LARS(net.parameters(), lr=lr)
     run = torch.compile(net) if compile_ and fast else net
-    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=fast and device == "cuda")
+    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=fast and cuda)
 
     def step(x1, x2):
         with amp:
@@ -79,8 +87,7 @@ def build(provider: str, preset: str, device: str, compile_: bool):
         opt.zero_grad(set_to_none=False)
         return loss.detach()
 
-    graphed = GraphedStep(step, net, opt) if fast and device == "cuda" else step
-    return graphed
+    return GraphedStep(step, net, opt) if fast and cuda else step
 
 
 def main(argv=None) -> int:
