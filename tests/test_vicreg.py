@@ -20,7 +20,10 @@ from mlvicx_fast.ops.vicreg import (
 )
 from tests.helpers import TRITON_DEVICE, noncontiguous
 
-SHAPES = [(2, 1), (2, 5), (3, 4097), (64, 2048), (300, 64), (1000, 17), (33, 33), (17, 16)]
+# b <= min(r, 128) takes the two-launch narrow path on Triton, (129, 131) the tiled Gram path,
+# b > r the r x r path; (128, 200) is the largest narrow Gram tile
+SHAPES = [(2, 1), (2, 5), (3, 4097), (64, 2048), (300, 64), (1000, 17), (33, 33), (17, 16), (129, 131),
+          (128, 200)]
 DTYPE_TOL = {torch.float32: (1e-5, 0.0), torch.bfloat16: (1e-4, 2.0**-7), torch.float16: (1e-4, 2.0**-10)}
 COEFFS = dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=1e-4)
 
@@ -99,6 +102,18 @@ def rand_pair(b, r, device, dtype=torch.float32, scale=1.0, shift=0.0):
 def test_matches_official_fp32(backend, shape):
     z1, z2 = rand_pair(*shape, backend_device(backend))
     assert_matches(z1, z2, backend)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", [(2, 5), (3, 4097), (64, 2048), (40, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("coeffs", [{}, dict(sim_coeff=0.0), dict(cov_coeff=0.0)], ids=["all", "sim=0", "cov=0"])
+def test_tiled_gram_path_on_narrow_shapes(monkeypatch, shape, coeffs):
+    """Shapes with b <= 128 normally take the narrow path; the tiled Gram path must give the same."""
+    import mlvicx_fast.ops.vicreg as vicreg
+
+    monkeypatch.setattr(vicreg, "NARROW_MAX_B", 0)
+    z1, z2 = rand_pair(*shape, TRITON_DEVICE)
+    assert_matches(z1, z2, "triton", **coeffs)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])

@@ -35,9 +35,17 @@ Backends:
   ``reference`` the official formula, autograd through an r x r covariance (for tests)
   ``auto``      triton on CUDA tensors when Triton is installed, torch otherwise
 The forward pass computes the gradients too (the loss is a scalar), so backward is one scale.
+
+Triton launches: when b <= min(r, NARROW_MAX_B) (the usual SSL case, e.g. 64 x 2048) two
+launches do everything. Programs that each hold every row of a column chunk centre it exactly and
+add its Zc Zc^T to a partial b x b tile; the second launch sums those tiles in every program (they
+are small and sit in L2), writes the gradient of its columns, and one extra program writes the
+loss. Otherwise: column statistics, the tiled Gram matrix (split over K when it has few tiles, then
+a reduction), the gradient tiles and a one-program finalize.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Tuple
 
@@ -348,6 +356,166 @@ if HAS_TRITON:
         tl.store(out_ptr + 2, var)
         tl.store(out_ptr + 3, cov)
 
+    # ----------------------------------------------------------------------------------------
+    # Narrow path (b <= NARROW_MAX_B <= r): two launches in all. A program that holds every row
+    # of a column block can centre it exactly, so the statistics and the Gram matrix are formed
+    # in one pass over Z; the second launch reduces the partial Gram matrices, forms the
+    # gradients and (one extra program) the loss. Workspace layout, float32:
+    #   [0, 4) out = [loss, inv, var, cov] | mean (2, r) | var (2, r) | stat partials
+    #   (2, n_split, 4) = [sum (z1 - z2)^2, sum relu(1 - std), sum v^2, 0] | Gram partials
+    #   (2, n_split, BM, BM), the rows beyond b zero.
+    # ----------------------------------------------------------------------------------------
+    @triton.jit
+    def _narrow_stats_gram_kernel(
+        z1_ptr, z2_ptr, sb, sr, ws_ptr,
+        b, r, eps, chunk,
+        HAS_INV: tl.constexpr, HAS_COV: tl.constexpr, PREC: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr,
+    ):
+        """Program (split, view): columns [split * chunk, (split + 1) * chunk) of one view, all
+        rows. Writes their mean and variance, partial sums of the loss terms and the partial Gram
+        matrix Zc[:, cols] Zc[:, cols]^T."""
+        split = tl.program_id(0)
+        view = tl.program_id(1)
+        n_split = tl.num_programs(0)
+        if view == 0:
+            z_ptr = z1_ptr
+        else:
+            z_ptr = z2_ptr
+        mean_ptr = ws_ptr + 4 + view * r
+        var_ptr = ws_ptr + 4 + 2 * r + view * r
+        spart = ws_ptr + 4 + 4 * r + (view * n_split + split) * 4
+        gpart = ws_ptr + 4 + 4 * r + 8 * n_split + (view * n_split + split).to(tl.int64) * BM * BM
+        rows = tl.arange(0, BM)
+        rmask = rows < b
+        row_off = rows.to(tl.int64)[:, None] * sb
+        acc = tl.zeros([BM, BM], dtype=tl.float32)
+        sq = tl.zeros([BK], dtype=tl.float32)
+        hinge = tl.zeros([BK], dtype=tl.float32)
+        vsq = tl.zeros([BK], dtype=tl.float32)
+        k_begin = split * chunk
+        for k0 in range(k_begin, tl.minimum(r, k_begin + chunk), BK):
+            cols = k0 + tl.arange(0, BK)
+            cmask = cols < r
+            m = rmask[:, None] & cmask[None, :]
+            col_off = cols.to(tl.int64)[None, :] * sr
+            x = tl.load(z_ptr + row_off + col_off, mask=m, other=0.0).to(tl.float32)
+            # centre around the first row first: a constant column gives exactly zero deviations
+            shift = tl.load(z_ptr + cols.to(tl.int64) * sr, mask=cmask, other=0.0).to(tl.float32)
+            xs = tl.where(m, x - shift[None, :], 0.0)
+            mu = tl.sum(xs, axis=0) / b
+            xc = tl.where(m, xs - mu[None, :], 0.0)
+            v = tl.sum(xc * xc, axis=0) / (b - 1)
+            tl.store(mean_ptr + cols, shift + mu, mask=cmask)
+            tl.store(var_ptr + cols, v, mask=cmask)
+            h = 1.0 - tl.sqrt(v + eps)
+            hinge += tl.where(cmask, tl.where(h < 0.0, 0.0, h), 0.0)  # relu that keeps NaN
+            vsq += tl.where(cmask, v * v, 0.0)
+            if HAS_INV:
+                if view == 0:
+                    y = tl.load(z2_ptr + row_off + col_off, mask=m, other=0.0).to(tl.float32)
+                    d = x - y
+                    sq += tl.sum(d * d, axis=0)
+            if HAS_COV:
+                acc = tl.dot(xc, tl.trans(xc), acc, input_precision=PREC)
+        tl.store(spart + 0, tl.sum(sq, axis=0))
+        tl.store(spart + 1, tl.sum(hinge, axis=0))
+        tl.store(spart + 2, tl.sum(vsq, axis=0))
+        tl.store(spart + 3, 0.0)
+        if HAS_COV:
+            tl.store(gpart + rows[:, None] * BM + rows[None, :], acc)
+
+    @triton.jit
+    def _narrow_gram(ws_ptr, r, n_split, view, scale, BM: tl.constexpr):
+        """The (BM x BM) matrix G / (b - 1) of one view, summed from its partial tiles."""
+        rows = tl.arange(0, BM)
+        gpart = ws_ptr + 4 + 4 * r + 8 * n_split + (view * n_split).to(tl.int64) * BM * BM
+        tile = rows[:, None] * BM + rows[None, :]
+        g = tl.zeros([BM, BM], dtype=tl.float32)
+        for s in range(0, n_split):
+            g += tl.load(gpart + s * BM * BM + tile)
+        return g * scale
+
+    @triton.jit
+    def _narrow_grad_kernel(
+        z1_ptr, z2_ptr, sb, sr, dz1_ptr, dz2_ptr, ws_ptr,
+        b, r, n_split, n_col_blocks, eps, sim, std_c, cov_c,
+        HAS_INV: tl.constexpr, HAS_VAR: tl.constexpr, HAS_COV: tl.constexpr, PREC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
+    ):
+        """Program (block, view), block < n_col_blocks: dL/dZ for BN columns of one view (dz
+        buffers are contiguous b x r). Program (n_col_blocks, 0): the loss and its terms."""
+        pid = tl.program_id(0)
+        view = tl.program_id(1)
+        scale = 1.0 / (b - 1)
+        if pid == n_col_blocks:
+            if view == 0:
+                # out = [loss, inv, var, cov] from the partial sums of both views
+                slot = tl.arange(0, 4)
+                s_idx = tl.arange(0, BS)
+                stats = tl.zeros([BS, 4], dtype=tl.float32)
+                spart = ws_ptr + 4 + 4 * r
+                for s0 in range(0, 2 * n_split, BS):
+                    idx = s0 + s_idx
+                    vals = tl.load(spart + idx[:, None] * 4 + slot[None, :], mask=(idx < 2 * n_split)[:, None],
+                                   other=0.0)
+                    stats += vals
+                tot = tl.sum(stats, axis=0)
+                inv = tl.sum(tl.where(slot == 0, tot, 0.0), axis=0) / b / r
+                var = tl.sum(tl.where(slot == 1, tot, 0.0), axis=0) / (2 * r)
+                diag = tl.sum(tl.where(slot == 2, tot, 0.0), axis=0)
+                cov = 0.0
+                if HAS_COV:
+                    g1 = _narrow_gram(ws_ptr, r, n_split, 0, scale, BM)
+                    g2 = _narrow_gram(ws_ptr, r, n_split, 1, scale, BM)
+                    f1 = tl.sum(tl.sum(g1 * g1, axis=1), axis=0)
+                    f2 = tl.sum(tl.sum(g2 * g2, axis=1), axis=0)
+                    cov = (f1 + f2 - diag) / r
+                loss = 0.0
+                if HAS_INV:
+                    loss += sim * inv
+                if HAS_VAR:
+                    loss += std_c * var
+                if HAS_COV:
+                    loss += cov_c * cov
+                tl.store(ws_ptr + 0, loss)
+                tl.store(ws_ptr + 1, inv)
+                tl.store(ws_ptr + 2, var)
+                tl.store(ws_ptr + 3, cov)
+            return
+        if view == 0:
+            z_ptr = z1_ptr
+            o_ptr = z2_ptr
+            dz_ptr = dz1_ptr
+        else:
+            z_ptr = z2_ptr
+            o_ptr = z1_ptr
+            dz_ptr = dz2_ptr
+        rows = tl.arange(0, BM)
+        cols = pid * BN + tl.arange(0, BN)
+        cmask = cols < r
+        m = (rows < b)[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * sb + cols.to(tl.int64)[None, :] * sr
+        x = tl.load(z_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        grad = tl.zeros([BM, BN], dtype=tl.float32)
+        if HAS_INV:
+            y = tl.load(o_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            grad += (2.0 * sim / (b * r)) * (x - y)
+        if HAS_VAR or HAS_COV:
+            mu = tl.load(ws_ptr + 4 + view * r + cols, mask=cmask, other=0.0)
+            v = tl.load(ws_ptr + 4 + 2 * r + view * r + cols, mask=cmask, other=0.0)
+            xc = tl.where(m, x - mu[None, :], 0.0)
+            if HAS_VAR:
+                sd = tl.sqrt(v + eps)
+                w = tl.where(1.0 - sd > 0.0, 1.0 / sd, 0.0)
+                grad -= (std_c / (2.0 * r * (b - 1))) * xc * w[None, :]
+            if HAS_COV:
+                g = _narrow_gram(ws_ptr, r, n_split, view, scale, BM)
+                gz = tl.dot(g, xc, input_precision=PREC)
+                grad += (4.0 * cov_c / (r * (b - 1))) * (gz - xc * v[None, :])
+        out = rows.to(tl.int64)[:, None] * r + cols.to(tl.int64)[None, :]
+        tl.store(dz_ptr + out, grad.to(dz_ptr.dtype.element_ty), mask=m)
+
 
 def _tile_sizes(b: int, r: int) -> Dict[str, int]:
     """Block sizes: GPU tiles for tensor cores; bigger, fewer programs in the interpreter."""
@@ -366,8 +534,62 @@ def _gram_split(tiles: int, k_dim: int, bk: int):
     return k_chunk, triton.cdiv(k_dim, k_chunk)
 
 
+NARROW_MAX_B = 128  # b up to this (and b <= r) takes the two-launch path; its Gram matrix stays on chip
+
+
+@functools.lru_cache(maxsize=256)
+def _narrow_config(b: int, r: int, interp: bool) -> Tuple[int, int, int, int, int, int, int]:
+    """(BM, BK, chunk, n_split, BN, n_col_blocks, warps) of the narrow path.
+
+    The first launch splits the r columns into n_split chunks of whole BK blocks, enough programs
+    to spread the reduction while the partial Gram tiles (n_split * BM^2 floats a view) stay no
+    larger than the input; the second launch has one program per BN columns, each summing the
+    n_split partial tiles again (they sit in L2), and one more for the loss."""
+    bm = max(16, 1 << (b - 1).bit_length())
+    bk = 128 if interp else 32
+    blocks = triton.cdiv(r, bk)
+    want = 4 if interp else max(1, min(32, r // 128, r // bm))
+    per = triton.cdiv(blocks, max(1, min(want, blocks)))
+    chunk = per * bk
+    bn = 128 if interp else 64
+    warps = 4 if bm <= 64 else 8
+    return bm, bk, chunk, triton.cdiv(r, chunk), bn, triton.cdiv(r, bn), warps
+
+
+def _forward_narrow(z1, z2, sim, std, cov, eps, need_grad):
+    """Two launches for b <= NARROW_MAX_B <= r (see _narrow_stats_gram_kernel)."""
+    b, r = z1.shape
+    has_inv, has_var, has_cov = sim != 0.0, std != 0.0, cov != 0.0
+    bm, bk, chunk, n_split, bn, n_cb, warps = _narrow_config(b, r, interpreting())
+    prec = fp32_dot_precision()
+    if z1.stride() != z2.stride():  # the kernels address both views with one pair of strides
+        z1, z2 = z1.contiguous(), z2.contiguous()
+    sb, sr = z1.stride()
+    ws = torch.empty(4 + 4 * r + 8 * n_split + (2 * n_split * bm * bm if has_cov else 0),
+                     device=z1.device, dtype=torch.float32)
+    _narrow_stats_gram_kernel[(n_split, 2)](
+        z1, z2, sb, sr, ws, b, r, eps, chunk,
+        HAS_INV=has_inv, HAS_COV=has_cov, PREC=prec, BM=bm, BK=bk, num_warps=warps,
+    )
+    if need_grad:
+        dz1 = torch.empty((b, r), device=z1.device, dtype=z1.dtype)
+        dz2 = torch.empty((b, r), device=z2.device, dtype=z2.dtype)
+        grid = (n_cb + 1, 2)
+    else:  # only the loss program (its index is n_col_blocks = 0)
+        dz1, dz2 = z1.new_empty(0), z2.new_empty(0)  # outputs of a custom op may not alias
+        grid, n_cb = (1, 1), 0
+    _narrow_grad_kernel[grid](
+        z1, z2, sb, sr, dz1, dz2, ws, b, r, n_split, n_cb, eps, sim, std, cov,
+        HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, PREC=prec, BM=bm, BN=bn, BS=64,
+        num_warps=warps,
+    )
+    return ws[:4], dz1, dz2
+
+
 def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
     b, r = z1.shape
+    if b <= min(r, NARROW_MAX_B):
+        return _forward_narrow(z1, z2, sim, std, cov, eps, need_grad)
     dev = z1.device
     has_inv, has_var, has_cov = sim != 0.0, std != 0.0, cov != 0.0
     need_stats = has_var or has_cov
