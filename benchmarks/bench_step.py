@@ -50,14 +50,15 @@ class Bare(torch.nn.Module):
         return self.head(self.backbone(x))
 
 
-def build(provider: str, preset: str, device: str, compile_: bool):
+def build(provider: str, preset: str, device: str, compile_: bool, graph: bool = True):
+    """The step of one provider; on CUDA, ours and bare run in one CUDA graph unless graph=False."""
     cuda = device == "cuda"
     if provider in ("ours", "ours+aug"):  # exactly the training command's step
         cfg = train.resolve(train.Config(data="synthetic", preset=preset, compile=compile_, cuda_graph=cuda,
                                          channels_last=cuda, precision="bf16" if cuda else "fp32", device=device))
         parts = train.build_training(cfg, torch.device(device))
         parts.lr.fill_(0.05)
-        return GraphedStep(parts.step, parts.model, parts.opt) if cuda else parts.step
+        return GraphedStep(parts.step, parts.model, parts.opt) if cuda and graph else parts.step
     fast = provider == "bare"
     if provider == "bare":
         from mlvicx_fast.models.mlvicx import PRESETS
@@ -87,7 +88,7 @@ def build(provider: str, preset: str, device: str, compile_: bool):
         opt.zero_grad(set_to_none=False)
         return loss.detach()
 
-    return GraphedStep(step, net, opt) if fast and cuda else step
+    return GraphedStep(step, net, opt) if fast and cuda and graph else step
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ mkdir -p "$RES" benchmarks/out
 status=0
 
 # STAGES picks stages by name (default: all, in the order below)
-STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step bench_augment bench_network train_smoke profile_loss"}
+STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step profile_step bench_augment bench_network train_smoke profile_loss"}
 stage() {  # stage NAME SECONDS command...: run with a limit, log to $RES/NAME.log, keep going
   local name=$1 limit=$2
   shift 2
@@ -49,6 +49,8 @@ stage bench_loss 60 python3 benchmarks/bench_loss.py --device cuda --compile-sha
 stage bench_context 130 python3 benchmarks/bench_context.py --batch 64 --dtype bf16 --layout cl
 # 4. whole step at batch 64 and 256: official recipe, bare ResNet18, ours, ours fed by the augmentation
 stage bench_step 100 python3 benchmarks/bench_step.py --batches 64 256
+# 4b. which kernels fill ours' step beyond the bare ResNet18 step (eager, profiler)
+stage profile_step 60 python3 benchmarks/profile_step.py --batch 64
 # 5. the two-view augmentation kernel
 stage bench_augment 30 python3 benchmarks/bench_augment.py --device cuda
 # 6. network forward + backward, one view (aggregation memory target)
