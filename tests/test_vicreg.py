@@ -300,3 +300,19 @@ def test_second_backward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_autotune_configs_include_the_fixed_tiles(monkeypatch):
+    """The GPU autotuner may only pick among configs that include the fixed tiles, so tuning
+    cannot choose anything slower than the untuned launch (the interpreter cannot run it)."""
+    import mlvicx_fast.ops.vicreg as vicreg
+
+    monkeypatch.setattr(vicreg, "interpreting", lambda: False)
+    t = vicreg._tile_sizes(2048, 8192)
+    gram = [(c.kwargs["BM"], c.kwargs["BK"], c.num_warps) for c in vicreg._GRAM_CONFIGS]
+    grad = [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps) for c in vicreg._GRAD_CONFIGS]
+    assert (t["gram_m"], t["gram_k"], t["warps"]) in gram
+    assert (t["grad_m"], t["grad_n"], t["grad_k"], t["warps"]) in grad
+    assert vicreg._autotune()
+    monkeypatch.setenv("MLVICX_AUTOTUNE", "0")
+    assert not vicreg._autotune()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Dict, Tuple
 
 import torch
@@ -147,7 +148,7 @@ if HAS_TRITON:
     def _gram_kernel(
         z1_ptr, z2_ptr, sb, sr,
         mean_ptr, out_ptr, part_ptr, partial_ptr,
-        b, r, scale, k_chunk,
+        b, r, scale, k_chunk, part_stride,
         TRANSPOSED: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
     ):
@@ -158,14 +159,15 @@ if HAS_TRITON:
         is C - diag(C). Only tiles with pid_n >= pid_m are computed and mirrored.
         program_id(2) = view * n_split + split. SPLIT=False: one program reduces all of K and
         finishes the tile (_gram_epilogue). SPLIT=True (few tiles, long K): each program reduces
-        k_chunk of K into partial[view, split] and _gram_reduce_kernel finishes the tile."""
+        k_chunk of K into partial[view, split] and _gram_reduce_kernel finishes the tile.
+        part[view * part_stride + tile] gets each tile's sum of squares (the buffer is zeroed, and
+        sized for the smallest BM, so an autotuned BM leaves the unused slots at zero)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         n_split = tl.num_programs(2) // 2
         view = tl.program_id(2) // n_split
         split = tl.program_id(2) % n_split
-        n_tiles = tl.num_programs(0) * tl.num_programs(1)
-        part = part_ptr + view * n_tiles + pid_m * tl.num_programs(1) + pid_n
+        part = part_ptr + view * part_stride + pid_m * tl.num_programs(1) + pid_n
         if pid_n < pid_m:
             if not SPLIT:
                 tl.store(part, 0.0)
@@ -218,15 +220,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _gram_reduce_kernel(
-        partial_ptr, out_ptr, part_ptr, M, n_split, scale,
+        partial_ptr, out_ptr, part_ptr, M, n_split, scale, part_stride,
         TRANSPOSED: tl.constexpr, BM: tl.constexpr,
     ):
         """Sum the n_split partial tiles of _gram_kernel (SPLIT=True) and finish the tile."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         view = tl.program_id(2)
-        n_tiles = tl.num_programs(0) * tl.num_programs(1)
-        part = part_ptr + view * n_tiles + pid_m * tl.num_programs(1) + pid_n
+        part = part_ptr + view * part_stride + pid_m * tl.num_programs(1) + pid_n
         if pid_n < pid_m:
             tl.store(part, 0.0)
             return
@@ -517,6 +518,30 @@ if HAS_TRITON:
         tl.store(dz_ptr + out, grad.to(dz_ptr.dtype.element_ty), mask=m)
 
 
+    # On a GPU the two big products of the tiled path pick their tiles by measurement, once per
+    # shape (the first call times each config; the fixed config of _tile_sizes is one of them, so
+    # tuning cannot pick anything slower). Only the unsplit Gram launch is tuned: its BM decides
+    # nothing outside the kernel. MLVICX_AUTOTUNE=0 keeps the fixed tiles (bit-identical runs).
+    _GRAM_CONFIGS = [
+        triton.Config({"BM": 64, "BK": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BM": 128, "BK": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 128, "BK": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 128, "BK": 64}, num_warps=8, num_stages=3),
+    ]
+    _GRAD_CONFIGS = [
+        triton.Config({"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BM": 128, "BN": 128, "BK": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BM": 128, "BN": 64, "BK": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BM": 64, "BN": 128, "BK": 32}, num_warps=4, num_stages=4),
+    ]
+    _gram_kernel_tuned = triton.autotune(_GRAM_CONFIGS, key=["b", "r", "TRANSPOSED"])(_gram_kernel)
+    _grad_kernel_tuned = triton.autotune(_GRAD_CONFIGS, key=["b", "r", "TRANSPOSED", "HAS_COV"])(_grad_kernel)
+
+
+def _autotune() -> bool:
+    """Tuned tiles on a GPU (the interpreter cannot time configs); MLVICX_AUTOTUNE=0 turns it off."""
+    return not interpreting() and os.environ.get("MLVICX_AUTOTUNE", "1") != "0"
+
 def _tile_sizes(b: int, r: int) -> Dict[str, int]:
     """Block sizes: GPU tiles for tensor cores; bigger, fewer programs in the interpreter."""
     if interpreting():
@@ -619,15 +644,20 @@ def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
         k_dim = b if transposed else r
         k_chunk, n_split = _gram_split(n_m * (n_m + 1) // 2, k_dim, gk)
         gram = torch.empty(2, m_dim, m_dim, device=dev, dtype=torch.float32)
-        gram_part = torch.empty(2, n_m * n_m, device=dev, dtype=torch.float32)
+        gram_part = torch.zeros(2, n_m * n_m, device=dev, dtype=torch.float32)
         partial = torch.empty(2, n_split, m_dim, m_dim, device=dev, dtype=torch.float32) if n_split > 1 else gram
-        _gram_kernel[(n_m, n_m, 2 * n_split)](
-            z1, z2, *strides, mean, gram, gram_part, partial, b, r, 1.0 / (b - 1), k_chunk,
-            TRANSPOSED=transposed, SPLIT=n_split > 1, PREC=prec, BM=gm, BK=gk, num_warps=t["warps"],
-        )
+        args = (z1, z2, *strides, mean, gram, gram_part, partial, b, r, 1.0 / (b - 1), k_chunk, n_m * n_m)
+        if n_split == 1 and _autotune():
+            _gram_kernel_tuned[lambda meta: (triton.cdiv(m_dim, meta["BM"]), triton.cdiv(m_dim, meta["BM"]), 2)](
+                *args, TRANSPOSED=transposed, SPLIT=False, PREC=prec,
+            )
+        else:
+            _gram_kernel[(n_m, n_m, 2 * n_split)](
+                *args, TRANSPOSED=transposed, SPLIT=n_split > 1, PREC=prec, BM=gm, BK=gk, num_warps=t["warps"],
+            )
         if n_split > 1:
             _gram_reduce_kernel[(n_m, n_m, 2)](
-                partial, gram, gram_part, m_dim, n_split, 1.0 / (b - 1),
+                partial, gram, gram_part, m_dim, n_split, 1.0 / (b - 1), n_m * n_m,
                 TRANSPOSED=transposed, BM=gm, num_warps=t["warps"],
             )
     else:
@@ -637,13 +667,16 @@ def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
     if need_grad:
         dz1 = torch.empty((b, r), device=dev, dtype=z1.dtype)
         dz2 = torch.empty((b, r), device=dev, dtype=z2.dtype)
-        bm, bn = t["grad_m"], t["grad_n"]
-        _grad_kernel[(triton.cdiv(b, bm), triton.cdiv(r, bn), 2)](
-            z1, z2, *strides, dz1, dz2, mean, var, gram, b, r, eps,
-            2.0 * sim / (b * r), std / (2.0 * r * (b - 1)), 4.0 * cov / (r * (b - 1)),
-            HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, TRANSPOSED=transposed, PREC=prec,
-            BM=bm, BN=bn, BK=t["grad_k"], num_warps=t["warps"],
-        )
+        args = (z1, z2, *strides, dz1, dz2, mean, var, gram, b, r, eps,
+                2.0 * sim / (b * r), std / (2.0 * r * (b - 1)), 4.0 * cov / (r * (b - 1)))
+        flags = dict(HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, TRANSPOSED=transposed, PREC=prec)
+        if _autotune():
+            _grad_kernel_tuned[lambda meta: (triton.cdiv(b, meta["BM"]), triton.cdiv(r, meta["BN"]), 2)](*args, **flags)
+        else:
+            bm, bn = t["grad_m"], t["grad_n"]
+            _grad_kernel[(triton.cdiv(b, bm), triton.cdiv(r, bn), 2)](
+                *args, **flags, BM=bm, BN=bn, BK=t["grad_k"], num_warps=t["warps"],
+            )
     else:
         dz1, dz2 = z1.new_empty(0), z2.new_empty(0)  # outputs of a custom op may not alias
 
