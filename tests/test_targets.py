@@ -1,0 +1,52 @@
+"""benchmarks/targets.py judges the issue's speed targets from benchmark rows: check its arithmetic
+on made-up rows (fresh random times), including the end-to-end rule of issue 5."""
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import targets  # noqa: E402
+
+
+def step_data(batch, official_ms, bare_ms, ours_ms, aug_ms):
+    rows = [dict(provider=p, batch=batch, ms=ms, pairs_per_s=batch / (ms * 1e-3))
+            for p, ms in (("official", official_ms), ("bare", bare_ms), ("ours", ours_ms), ("ours+aug", aug_ms))]
+    return {"rows": rows, "meta": {}}
+
+
+def test_step_targets_ratios_and_end_to_end():
+    official, bare = random.uniform(100, 200), random.uniform(10, 20)
+    ours, aug = bare * random.uniform(1.0, 1.6), bare * random.uniform(1.7, 2.0)
+    data = step_data(64, official, bare, ours, aug)
+    got = {what: (value, ok) for what, value, _, ok in targets.step_targets(data)}
+    assert got["step batch 64: ours / bare ResNet18 time"][0] == pytest.approx(ours / bare)
+    assert got["step batch 64: ours vs official pairs/s"][0] == pytest.approx(official / ours)
+    no_loader = got["step batch 64: ours+aug vs official (no CPU loader run here)"]
+    assert no_loader[0] == pytest.approx(official / aug)
+
+    # a slow loader caps the end-to-end rate at 16 x its per-core rate
+    per_core = random.uniform(10, 50)
+    loader = {"rows": [{"format": "jpg", "crop": "gpu", "two_view_samples_per_s_per_core": per_core},
+                       {"format": "jpg", "crop": "cpu", "two_view_samples_per_s_per_core": 10 * per_core}]}
+    rows = targets.step_targets(data, loader=loader)
+    (what, value, wanted, ok), = [r for r in rows if "end to end" in r[0]]
+    assert value == pytest.approx(16 * per_core / (64 / (official * 1e-3)))
+    assert ok is (value >= 9) and wanted == ">= 9x"
+    # a fast loader leaves the GPU-side rate
+    loader["rows"][0]["two_view_samples_per_s_per_core"] = 1e6
+    (_, value, _, _), = [r for r in targets.step_targets(data, loader=loader) if "end to end" in r[0]]
+    assert value == pytest.approx(official / aug)
+
+
+def test_loss_target_verdicts():
+    eager, ours = random.uniform(2, 3), random.uniform(0.05, 0.2)
+    rows = [dict(shape="64x2048", dtype="fp32", provider="official", ms=eager),
+            dict(shape="64x2048", dtype="fp32", provider="official-compile", ms=eager / 3),
+            dict(shape="64x2048", dtype="fp32", provider="ours", ms=ours, peak_extra_MiB=1.0, inputs_MiB=1.0)]
+    out = {what: (value, ok) for what, value, _, ok in targets.loss_targets({"rows": rows})}
+    value, ok = out["loss fwd+bwd 64x2048 fp32: ours vs official"]
+    assert value == pytest.approx(eager / ours) and ok is (eager / ours >= 20)
+    assert out["loss fwd+bwd 2048x8192 fp32: ours vs official"] == (None, None)  # not measured, not a pass
+    assert out["loss peak extra memory 64x2048 fp32 / inputs"] == (1.0, True)
