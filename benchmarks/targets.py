@@ -82,25 +82,43 @@ CHECKS = {"bench_loss": loss_targets, "bench_context": context_targets, "bench_n
           "bench_step": step_targets}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", type=Path, default=OUT_DIR, help="where the benchmark JSON files are")
-    args = p.parse_args(argv)
-    print("| target | measured | wanted | verdict |\n|---|---|---|---|")
+def verdicts(out_dir: Path):
+    """Per benchmark of CHECKS: (name, meta of its JSON or None when absent, rows); each row is
+    (target, measured as text, wanted, verdict)."""
+    out = []
     for name, check in CHECKS.items():
-        path = args.dir / f"{name}.json"
+        path = out_dir / f"{name}.json"
         if not path.exists():
-            print(f"| {name} | — | — | not measured (no {path.name}) |")
+            out.append((name, None, [(name, "—", "—", f"not measured (no {path.name})")]))
             continue
         data = json.loads(path.read_text())
         on_cpu = str(data["meta"].get("device", "")).startswith("CPU")
+        rows = []
         for what, value, wanted, ok in check(data):
             shown = "—" if value is None else f"{value:.2f}"
             verdict = "not measured" if ok is None else ("PASS" if ok else "FAIL")
             if on_cpu and ok is not None:
                 verdict = "CPU run: GPU target not judged"
-            print(f"| {what} | {shown} | {wanted} | {verdict} |")
-        print(f"<!-- {name}: {data['meta'].get('device')}, {data['meta'].get('date')}, commit {data['meta'].get('commit')} -->")
+            rows.append((what, shown, wanted, verdict))
+        out.append((name, data["meta"], rows))
+    return out
+
+
+def table(out_dir: Path) -> str:
+    """The target table for the benchmark JSON files in out_dir, as markdown (what main prints)."""
+    lines = ["| target | measured | wanted | verdict |", "|---|---|---|---|"]
+    for name, meta, rows in verdicts(out_dir):
+        lines += [f"| {what} | {shown} | {wanted} | {verdict} |" for what, shown, wanted, verdict in rows]
+        if meta is not None:
+            lines.append(f"<!-- {name}: {meta.get('device')}, {meta.get('date')}, commit {meta.get('commit')} -->")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=OUT_DIR, help="where the benchmark JSON files are")
+    args = p.parse_args(argv)
+    print(table(args.dir), end="")
     return 0
 
 
