@@ -2,7 +2,8 @@
 # One call on a GPU machine (H100/H200): the test suite with the Triton kernels compiled (no
 # interpreter), then the benchmarks, then the speed-target table, printed last. Stages run in order
 # of importance, each under its own time limit, so a slow or failing stage leaves the others'
-# results. Logs and results are archived in benchmarks/out/gpu_check.tgz (copied to $OUT when set).
+# results. Logs and results are archived in benchmarks/out/gpu_check.tgz (copied to $OUT when set),
+# with RESULTS.md + plots/ gathered by benchmarks/run_all.py from them at the end.
 # STAGES="a b" runs only the named stages; GPU_TESTS overrides the test files of gpu_tests.
 #
 #   MLVICX_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh   # repository root; ~9 min
@@ -27,7 +28,7 @@ stage() {  # stage NAME SECONDS command...: run with a limit, log to $RES/NAME.l
   local rc=$?
   tail -n 12 "$RES/$name.log"
   [ $rc = 0 ] || { echo "!! $name exited with $rc"; status=1; }
-  cp benchmarks/out/*.json benchmarks/out/*.md "$RES"/ 2>/dev/null
+  cp benchmarks/out/*.csv benchmarks/out/*.json benchmarks/out/*.md "$RES"/ 2>/dev/null
   archive
 }
 archive() {  # one archive with every log and result so far, for transports that bring back few files
@@ -67,6 +68,12 @@ stage profile_loss 40 python3 benchmarks/profile_loss.py --shape 64x2048
 
 echo "== targets"
 python3 benchmarks/targets.py --dir benchmarks/out | tee "$RES/targets.md"
+# every result's table and plot in one page of the archive (RESULTS.md + plots/); a failure here
+# (no matplotlib: tables only) never changes this script's status
+echo "== gather: $RES/RESULTS.md"
+python3 benchmarks/run_all.py --dir "$RES" --results "$RES/RESULTS.md" --plots "$RES/plots" >"$RES/run_all.log" 2>&1 \
+  || echo "!! run_all.py exited with $? (see run_all.log in the archive); the results themselves are archived"
+tail -n 3 "$RES/run_all.log"
 archive
 if [ -n "${OUT:-}" ]; then cp "$RES/targets.md" "$OUT"/; fi
 exit $status

@@ -104,30 +104,54 @@ CHECKS = {"bench_loss": loss_targets, "bench_context": context_targets, "bench_n
           "bench_step": step_targets}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", type=Path, default=OUT_DIR, help="where the benchmark JSON files are")
-    p.add_argument("--loader", type=Path, default=None,
-                   help="bench_loader.json of a CPU run (default: --dir/bench_loader.json when present)")
-    args = p.parse_args(argv)
-    loader_path = args.loader or args.dir / "bench_loader.json"
-    loader = json.loads(loader_path.read_text()) if loader_path.exists() else None
-    print("| target | measured | wanted | verdict |\n|---|---|---|---|")
+def load_loader(out_dir: Path, loader_path: Path = None):
+    """bench_loader.json of a CPU run: loader_path, else out_dir/bench_loader.json, else None."""
+    path = loader_path or out_dir / "bench_loader.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def verdicts(out_dir: Path, loader_path: Path = None):
+    """Per benchmark of CHECKS: (name, meta of its JSON or None when absent, rows); each row is
+    (target, measured as text, wanted, verdict). The step's end-to-end row uses the CPU loader run
+    (loader_path, or bench_loader.json in out_dir) when there is one."""
+    loader = load_loader(out_dir, loader_path)
+    out = []
     for name, check in CHECKS.items():
-        path = args.dir / f"{name}.json"
+        path = out_dir / f"{name}.json"
         if not path.exists():
-            print(f"| {name} | — | — | not measured (no {path.name}) |")
+            out.append((name, None, [(name, "—", "—", f"not measured (no {path.name})")]))
             continue
         data = json.loads(path.read_text())
         on_cpu = str(data["meta"].get("device", "")).startswith("CPU")
+        rows = []
         results = check(data, loader=loader) if name == "bench_step" else check(data)
         for what, value, wanted, ok in results:
             shown = "—" if value is None else f"{value:.2f}"
             verdict = "not measured" if ok is None else ("PASS" if ok else "FAIL")
             if on_cpu and ok is not None:
                 verdict = "CPU run: GPU target not judged"
-            print(f"| {what} | {shown} | {wanted} | {verdict} |")
-        print(f"<!-- {name}: {data['meta'].get('device')}, {data['meta'].get('date')}, commit {data['meta'].get('commit')} -->")
+            rows.append((what, shown, wanted, verdict))
+        out.append((name, data["meta"], rows))
+    return out
+
+
+def table(out_dir: Path, loader_path: Path = None) -> str:
+    """The target table for the benchmark JSON files in out_dir, as markdown (what main prints)."""
+    lines = ["| target | measured | wanted | verdict |", "|---|---|---|---|"]
+    for name, meta, rows in verdicts(out_dir, loader_path):
+        lines += [f"| {what} | {shown} | {wanted} | {verdict} |" for what, shown, wanted, verdict in rows]
+        if meta is not None:
+            lines.append(f"<!-- {name}: {meta.get('device')}, {meta.get('date')}, commit {meta.get('commit')} -->")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=OUT_DIR, help="where the benchmark JSON files are")
+    p.add_argument("--loader", type=Path, default=None,
+                   help="bench_loader.json of a CPU run (default: --dir/bench_loader.json when present)")
+    args = p.parse_args(argv)
+    print(table(args.dir, args.loader), end="")
     return 0
 
 
