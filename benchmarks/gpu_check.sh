@@ -18,7 +18,7 @@ mkdir -p "$RES" benchmarks/out
 status=0
 
 # STAGES picks stages by name (default: all, in the order below)
-STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step profile_step bench_augment bench_network train_smoke profile_loss"}
+STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step profile_step bench_optim bench_augment bench_network train_smoke profile_loss"}
 stage() {  # stage NAME SECONDS command...: run with a limit, log to $RES/NAME.log, keep going
   local name=$1 limit=$2
   shift 2
@@ -41,7 +41,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 
 # 1. correctness with compiled kernels: the test files that launch GPU kernels (the rest is CPU-side
 #    and runs in CI)
-GPU_TESTS=${GPU_TESTS:-"tests/test_vicreg.py tests/test_loss_modules.py tests/test_context_bottleneck.py tests/test_aggregate.py tests/test_models.py tests/test_augment.py"}
+GPU_TESTS=${GPU_TESTS:-"tests/test_vicreg.py tests/test_lars.py tests/test_loss_modules.py tests/test_context_bottleneck.py tests/test_aggregate.py tests/test_models.py tests/test_augment.py"}
 # shellcheck disable=SC2086
 stage gpu_tests 170 python3 -m pytest $GPU_TESTS -q -p no:cacheprovider --benchmark-disable --maxfail=20 -rfEs
 # 2. fused loss: all shapes, fp32 + bf16; the compiled official formula where its target is set
@@ -52,6 +52,8 @@ stage bench_context 130 python3 benchmarks/bench_context.py --batch 64 --dtype b
 stage bench_step 100 python3 benchmarks/bench_step.py --batches 64 256
 # 4b. which kernels fill ours' step beyond the bare ResNet18 step (eager, profiler)
 stage profile_step 60 python3 benchmarks/profile_step.py --batch 64
+# 4c. one LARS step over the network's parameters: foreach ops vs the fused kernels
+stage bench_optim 40 python3 benchmarks/bench_optim.py
 # 5. the two-view augmentation kernel
 stage bench_augment 30 python3 benchmarks/bench_augment.py --device cuda
 # 6. network forward + backward, one view (aggregation memory target)

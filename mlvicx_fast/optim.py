@@ -20,7 +20,7 @@ loop it is tested against.
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 from torch.optim import Optimizer
@@ -34,16 +34,23 @@ def exclude_bias_and_norm(p: torch.Tensor) -> bool:
 
 
 class LARS(Optimizer):
-    """LARS with the official VICReg exclusions (biases and norm parameters: ndim == 1)."""
+    """LARS with the official VICReg exclusions (biases and norm parameters: ndim == 1).
+
+    fused: None (default) updates float32 CUDA parameters with the fused Triton kernels of
+    :mod:`mlvicx_fast.ops.lars` (seven passes over the parameters instead of about seventeen) and
+    everything else with foreach ops; True requires the fused kernels (an error names what does not
+    fit; CPU tensors need TRITON_INTERPRET=1); False always uses the foreach ops."""
 
     def __init__(self, params: Iterable, lr: Number, weight_decay: float = 1e-6, momentum: float = 0.9,
-                 eta: float = 0.001):
+                 eta: float = 0.001, fused: Optional[bool] = None):
         if not isinstance(lr, torch.Tensor) and lr < 0:
             raise ValueError(f"LARS: lr must be >= 0, got {lr}")
         if weight_decay < 0 or momentum < 0 or eta <= 0:
             raise ValueError(f"LARS: need weight_decay >= 0, momentum >= 0, eta > 0; got "
                              f"weight_decay={weight_decay}, momentum={momentum}, eta={eta}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+        self.fused = fused
+        self._tables: Dict[int, object] = {}  # fused kernels' pointer tables, per param group
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -51,13 +58,15 @@ class LARS(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             for p in params:
                 if "mu" not in self.state[p]:
                     self.state[p]["mu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self._step_fused(i, group, params):
+                continue
             adapt = [p for p in params if not exclude_bias_and_norm(p)]
             plain = [p for p in params if exclude_bias_and_norm(p)]
             updates: List[torch.Tensor] = [p.grad for p in plain]
@@ -81,6 +90,31 @@ class LARS(Optimizer):
             else:
                 torch._foreach_add_(params, mu, alpha=-lr)
         return loss
+
+
+    def _step_fused(self, index: int, group: dict, params: List[torch.Tensor]) -> bool:
+        """Update the group with the fused kernels when allowed and possible; False otherwise."""
+        if self.fused is False:
+            return False
+        from .ops.lars import fused_lars_step, fused_lars_supported
+
+        grads = [p.grad for p in params]
+        bufs = [self.state[p]["mu"] for p in params]
+        if self.fused is None and not all(p.is_cuda for p in params):
+            return False
+        if not fused_lars_supported(params, grads, bufs):
+            if self.fused:
+                kinds = sorted({f"{p.device}/{p.dtype}/{'dense' if p.is_contiguous() else 'strided'}" for p in params})
+                raise ValueError(
+                    "LARS(fused=True): the fused kernels take float32 parameters, gradients and momentum with one "
+                    "dense layout, on a CUDA device (or CPU with TRITON_INTERPRET=1); got " + ", ".join(kinds)
+                )
+            return False
+        self._tables[index] = fused_lars_step(
+            params, grads, bufs, group["lr"], group["weight_decay"], group["momentum"], group["eta"],
+            self._tables.get(index),
+        )
+        return True
 
 
 @torch.no_grad()
