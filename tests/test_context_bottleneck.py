@@ -1,5 +1,7 @@
 """Fused context-bottleneck op against the official block in float64."""
 import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -326,3 +328,28 @@ def test_nan_input_gives_nan():
     x[1, 3, 2, 2] = float("nan")
     out = context_bottleneck(x, w1, w2, ws, backend="triton")
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).any()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_host_work_per_call(channels_last):
+    """What one eager call asks of the host, counted as bench_context.py counts it: forward 4
+    Triton launches and 2 allocations, backward 5 launches and 5 allocations, no other torch op
+    (this shape has one pixel block, so no split partial sums and their buffer on any device)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from common import count_host_ops
+    finally:
+        sys.path.pop(0)
+    block = ContextBottleneck(16, backend="triton").to(TRITON_DEVICE)
+    x, *_ = make_inputs((2, 16, 9, 9), torch.float32, channels_last)
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    block(x).backward(grad)  # warm-up
+    out = []
+    forward = count_host_ops(lambda: out.append(block(x)))
+    backward = count_host_ops(lambda: out[0].backward(grad))
+    assert (forward["triton"], forward["torch"], forward["custom_op"]) == (4, 2, 0), forward["names"]
+    assert (backward["triton"], backward["torch"], backward["custom_op"]) == (5, 5, 0), backward["names"]
+    assert set(forward["names"]) - {"aten::empty", "aten::empty_like"} == {
+        "triton::_spatial_stats_kernel", "triton::_gate_kernel", "triton::_channel_stats_kernel", "triton::_apply_kernel"}
