@@ -13,6 +13,13 @@ share of the device-to-device copy bandwidth measured in the same run, the time 
 would take at copy speed (floor_ms), and the bytes autograd saves for backward (the input x
 included, the parameters left out).
 
+Host work: on CUDA each forward and forward+backward is also captured in a CUDA graph and its
+replay timed (ms_graph): the GPU work alone, so ms - ms_graph is about what the host's launches
+and Python cost (no graph column on the CPU, nor with --no-graph). On any device, the Triton
+launches and torch operators of each call are counted with torch.profiler (triton_launches,
+torch_ops; see common.count_host_ops: ops called inside other ops, inside a launch, and autograd's
+AccumulateGrad are not counted; compiled code is not counted).
+
 Examples:
   python benchmarks/bench_context.py                      # GPU: batch 64, bf16, channels_last
   python benchmarks/bench_context.py --quick              # CPU: batch 2, fused op interpreted
@@ -33,8 +40,8 @@ if not torch.cuda.is_available():  # Triton kernels only run interpreted on the 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (bench, meta as common_meta, copy_bandwidth_gbs, device_name, peak_extra_mib,  # noqa: E402
-                         saved_for_backward_bytes, write_results)
+from common import (bench, bench_graph, meta as common_meta, copy_bandwidth_gbs, count_host_ops,  # noqa: E402
+                    device_name, peak_extra_mib, saved_for_backward_bytes, write_results)
 
 from mlvicx_fast import ContextBottleneck  # noqa: E402
 
@@ -42,7 +49,9 @@ TAPS = [(64, 112, 112), (64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = {"forward": 4, "backward": 5, "forward+backward": 9}
 COLUMNS = ["shape", "provider", "mode", "ms", "ms_p20", "ms_p80", "GB/s", "pct_copy_bw", "floor_ms",
-           "speedup_vs_compiled", "speedup_vs_eager", "saved_MiB", "input_MiB", "peak_extra_MiB"]
+           "speedup_vs_compiled", "speedup_vs_eager", "triton_launches", "torch_ops", "saved_MiB", "input_MiB",
+           "peak_extra_MiB"]
+GRAPH_COLUMNS = ["ms_graph", "graph_speedup_vs_compiled"]  # CUDA only
 
 
 def main(argv=None):
@@ -56,6 +65,7 @@ def main(argv=None):
                    help="comma list of eager,compiled,fused (default all on CUDA, eager,fused on CPU)")
     p.add_argument("--taps", default=None, help="comma list of tap indices 0-4 (default all)")
     p.add_argument("--name", default="bench_context", help="output file stem under benchmarks/out/")
+    p.add_argument("--no-graph", action="store_true", help="no CUDA-graph timing (ms_graph)")
     args = p.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,7 +85,7 @@ def main(argv=None):
         grad = torch.randn_like(x)
         x_bytes = x.numel() * x.element_size()
         shape = f"{batch}x{c}x{h}x{w}"
-        base = {}
+        base, base_graph = {}, {}
         for provider in providers:
             block = ContextBottleneck(c, backend="triton" if provider == "fused" else "torch").to(device)
             block = block.to(memory_format=fmt)
@@ -103,6 +113,16 @@ def main(argv=None):
                 row["GB/s"] = traffic / (t["ms"] * 1e-3) / 1e9
                 row["pct_copy_bw"] = 100.0 * row["GB/s"] / copy_gbs
                 row["floor_ms"] = traffic / (copy_gbs * 1e9) * 1e3
+                if provider != "compiled":  # inductor's launches do not go through Triton's launcher
+                    counts = count_host_ops(f)
+                    row["triton_launches"], row["torch_ops"] = counts["triton"], counts["torch"] + counts["custom_op"]
+                # the backward-only call replays a graph recorded outside the capture: not captured
+                graphed = None if args.no_graph or mode == "backward" else bench_graph(f, device)
+                if graphed is not None:
+                    row["ms_graph"] = graphed["ms"]
+                    base_graph[(provider, mode)] = graphed["ms"]
+                    if ("compiled", mode) in base_graph:
+                        row["graph_speedup_vs_compiled"] = base_graph[("compiled", mode)] / graphed["ms"]
                 if mode == "forward+backward":
                     row["peak_extra_MiB"] = peak_extra_mib(f, device)
                 base[(provider, mode)] = t["ms"]
@@ -110,14 +130,20 @@ def main(argv=None):
                     if (ref, mode) in base:
                         row[f"speedup_vs_{ref}"] = base[(ref, mode)] / t["ms"]
                 rows.append(row)
-                print(f"{shape:>16} {provider:>9} {mode:>17}: {t['ms']:8.3f} ms  {row['GB/s']:8.1f} GB/s "
-                      f"({row['pct_copy_bw']:.0f}% of copy)  saved {row['saved_MiB']:.1f} MiB", flush=True)
+                graph_note = f"  graph {row['ms_graph']:8.3f} ms" if "ms_graph" in row else ""
+                count_note = (f"  {row['triton_launches']} launches + {row['torch_ops']} torch ops"
+                              if "torch_ops" in row else "")
+                print(f"{shape:>16} {provider:>9} {mode:>17}: {t['ms']:8.3f} ms{graph_note}  {row['GB/s']:8.1f} GB/s "
+                      f"({row['pct_copy_bw']:.0f}% of copy){count_note}  saved {row['saved_MiB']:.1f} MiB", flush=True)
             del out
     meta = common_meta(device, batch=batch,
                 dtype=args.dtype, layout=args.layout, copy_GBps=round(copy_gbs, 1),
                 interpreted=os.environ.get("TRITON_INTERPRET", "0") == "1",
-                note="GB/s counts the ideal traffic (fwd 4, bwd 5 passes over x); speedups are per mode")
-    print(write_results(args.name, rows, COLUMNS, meta))
+                graphs=device == "cuda" and not args.no_graph,
+                note="GB/s counts the ideal traffic (fwd 4, bwd 5 passes over x); speedups are per mode; "
+                     "ms_graph: one CUDA-graph replay; triton_launches/torch_ops: host calls per call")
+    columns = COLUMNS + (GRAPH_COLUMNS if meta["graphs"] else [])
+    print(write_results(args.name, rows, columns, meta))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Timing, memory and output helpers shared by the benchmark scripts.
 
-Times are medians: on CUDA from `triton.testing.do_bench` (CUDA events, quantiles 0.5/0.2/0.8);
-on the CPU from a perf_counter loop after warm-up. Results go to benchmarks/out/<name>.{csv,json,md}.
+Times are medians: on CUDA from `triton.testing.do_bench` (CUDA events, quantiles 0.5/0.2/0.8),
+optionally of a CUDA-graph replay (bench_graph); on the CPU from a perf_counter loop after warm-up.
+count_host_ops counts Triton launches and torch ops per call with torch.profiler. Results go to
+benchmarks/out/<name>.{csv,json,md}.
 """
 from __future__ import annotations
 
@@ -63,6 +65,33 @@ def bench(fn: Callable[[], None], device: str, warmup: int = 3, reps: int = 10,
     times.sort()
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
     return {"ms": statistics.median(times), "ms_p20": q(0.2), "ms_p80": q(0.8)}
+
+
+def bench_graph(fn: Callable[[], None], device: str, warmup: int = 3, **kwargs) -> Optional[Dict[str, float]]:
+    """Median / p20 / p80 ms of one replay of fn() captured in a CUDA graph (after warm-up on a
+    side stream, as capture requires), timed like bench(): GPU work without the host's launch
+    overhead. None on the CPU, or when fn cannot be captured (the reason is printed)."""
+    if device != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - report and go on with the plain timing
+        print(f"  (no CUDA graph: {type(exc).__name__}: {str(exc).splitlines()[0][:200]})", flush=True)
+        torch.cuda.synchronize()
+        return None
+    try:
+        return bench(graph.replay, device, **kwargs)
+    finally:
+        del graph
 
 
 def peak_extra_mib(fn: Callable[[], None], device: str) -> Optional[float]:
@@ -136,3 +165,51 @@ def meta(device: str, **extra) -> dict:
     return {"device": device_name(device), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": commit(), "torch": torch.__version__, "host": platform.node(),
             "threads": torch.get_num_threads(), "env_TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""), **extra}
+
+
+def count_host_ops(fn: Callable[[], object]) -> Dict[str, object]:
+    """What fn() asks of the host: Triton kernel launches, torch (aten) operators called outside
+    them, and calls of our torch.library custom ops, counted with torch.profiler on whatever
+    device runs. Each launch is wrapped in a ``triton::<kernel>`` record_function while fn runs;
+    an aten operator counts when no aten or triton event encloses it (ops that other ops call
+    internally, whatever Triton's CPU interpreter does inside a launch, and autograd's own
+    AccumulateGrad bookkeeping are left out); the ops a custom op runs inside it are counted
+    too. Returns {'triton': n, 'torch': n, 'custom_op': n, 'names': Counter of what was counted}."""
+    from collections import Counter
+
+    from triton.runtime.jit import KernelInterface
+
+    original = KernelInterface.__getitem__
+
+    def recorded(self, grid):
+        launch = original(self, grid)
+        name = getattr(self, "__name__", None) or getattr(getattr(self, "fn", None), "__name__", "kernel")
+
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(f"triton::{name}"):
+                return launch(*args, **kwargs)
+        return run
+
+    KernelInterface.__getitem__ = recorded
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        KernelInterface.__getitem__ = original
+    enclosing = ("aten::", "triton::")
+
+    def enclosed(ev) -> bool:
+        parent = ev.cpu_parent
+        while parent is not None:
+            if parent.name.startswith(enclosing) or "AccumulateGrad" in parent.name:
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    names: Counter = Counter()
+    for ev in prof.events():
+        if ev.name.startswith("mlvicx_fast::") or (ev.name.startswith(enclosing) and not enclosed(ev)):
+            names[ev.name] += 1
+    count = lambda prefix: sum(v for k, v in names.items() if k.startswith(prefix))  # noqa: E731
+    return {"triton": count("triton::"), "torch": count("aten::"), "custom_op": count("mlvicx_fast::"),
+            "names": names}

@@ -18,7 +18,7 @@ mkdir -p "$RES" benchmarks/out
 status=0
 
 # STAGES picks stages by name (default: all, in the order below)
-STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step profile_step bench_optim bench_augment bench_network train_smoke profile_loss"}
+STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_aggregate bench_step profile_step bench_optim bench_augment bench_network train_smoke profile_loss"}
 stage() {  # stage NAME SECONDS command...: run with a limit, log to $RES/NAME.log, keep going
   local name=$1 limit=$2
   shift 2
@@ -46,8 +46,12 @@ GPU_TESTS=${GPU_TESTS:-"tests/test_vicreg.py tests/test_lars.py tests/test_loss_
 stage gpu_tests 170 python3 -m pytest $GPU_TESTS -q -p no:cacheprovider --benchmark-disable --maxfail=20 -rfEs
 # 2. fused loss: all shapes, fp32 + bf16; the compiled official formula where its target is set
 stage bench_loss 60 python3 benchmarks/bench_loss.py --device cuda --compile-shapes 64x2048
-# 3. context bottleneck at the five taps, batch 64, bf16 channels_last: eager, compiled, fused
-stage bench_context 130 python3 benchmarks/bench_context.py --batch 64 --dtype bf16 --layout cl
+# 3. context bottleneck at the five taps, batch 64, bf16 channels_last: eager, compiled, fused; plain
+#    timing and one CUDA-graph replay (GPU work alone), launches and torch ops per call
+stage bench_context 150 python3 benchmarks/bench_context.py --batch 64 --dtype bf16 --layout cl
+# 3b. the aggregation alone at batch 64, fp32 and bf16: official 64x64 form against the exact one
+#     (peak memory target)
+stage bench_aggregate 40 python3 benchmarks/bench_aggregate.py --batch 64
 # 4. whole step at batch 64 and 256: official recipe, bare ResNet18, ours, ours fed by the augmentation
 stage bench_step 100 python3 benchmarks/bench_step.py --batches 64 256
 # 4b. which kernels fill ours' step beyond the bare ResNet18 step (eager, profiler)

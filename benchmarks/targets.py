@@ -1,7 +1,8 @@
 """Check the speed targets of ../shared/docs/BASELINES.md against benchmark output in one run.
 
 Reads benchmarks/out/<bench>.json (or --dir), prints one markdown row per target: measured
-value, target, PASS / FAIL / not measured. Exit status 0 whatever the outcome: this reports.
+value, target, PASS / FAIL / not measured, or "info" for a measurement shown next to a target
+that it does not decide. Exit status 0 whatever the outcome: this reports.
 
   python benchmarks/targets.py
 """
@@ -40,7 +41,8 @@ def loss_targets(data):
 
 
 def context_targets(data):
-    """Fused context bottleneck (issue 3): bf16 channels_last, batch 64."""
+    """Fused context bottleneck (issue 3): bf16 channels_last, batch 64. The targets are judged on
+    the plain timing; the CUDA-graph replays (GPU work alone) are shown for information."""
     out = []
     for r in _rows(data, provider="fused", mode="forward+backward"):
         comp = _ms(data, shape=r["shape"], provider="compiled", mode="forward+backward")
@@ -51,6 +53,31 @@ def context_targets(data):
         if r["shape"].endswith("64x112x112"):
             over = r["ms"] / r["floor_ms"]
             out.append((f"context fwd+bwd {r['shape']}: time / bandwidth floor", over, "<= 2x", over <= 2))
+        if r.get("ms_graph") is not None:
+            comp_rows = _rows(data, shape=r["shape"], provider="compiled", mode="forward+backward")
+            comp_graph = comp_rows[0].get("ms_graph") if comp_rows else None
+            if comp_graph:
+                out.append((f"context fwd+bwd {r['shape']} in a CUDA graph: fused vs compiled", comp_graph / r["ms_graph"],
+                            "(GPU work only)", "info"))
+            if r["shape"].endswith("64x112x112"):
+                out.append((f"context fwd+bwd {r['shape']} in a CUDA graph: time / bandwidth floor",
+                            r["ms_graph"] / r["floor_ms"], "(GPU work only)", "info"))
+    return out
+
+
+def aggregate_targets(data):
+    """Aggregation memory (issue 3), measured on the aggregation alone: the exact form's peak at
+    batch 64 at least 2 GiB below the official form's. Judged in fp32 (the official recipe's
+    precision); bf16 is shown for information."""
+    out = []
+    for dtype in ("fp32", "bf16"):
+        rows = _rows(data, form="exact", dtype=dtype, batch=64)
+        saved = rows[0].get("saved_vs_official_GiB") if rows else None
+        if dtype == "fp32":
+            out.append(("aggregation alone, peak memory saved at batch 64, fp32 (GiB)", saved, ">= 2",
+                        None if saved is None else saved >= 2))
+        elif saved is not None:
+            out.append(("aggregation alone, peak memory saved at batch 64, bf16 (GiB)", saved, "(fp32 decides)", "info"))
     return out
 
 
@@ -59,9 +86,9 @@ def network_targets(data):
     ref = _rows(data, provider="reference", batch=64)
     exact = _rows(data, provider="reference-exact", batch=64)
     if not ref or not exact or ref[0].get("peak_extra_MiB") is None:
-        return [("aggregation peak memory saved at batch 64 (GiB)", None, ">= 2", None)]
+        return [("network step, one view: aggregation peak memory saved at batch 64 (GiB)", None, ">= 2", None)]
     saved = (ref[0]["peak_extra_MiB"] - exact[0]["peak_extra_MiB"]) / 1024
-    return [("aggregation peak memory saved at batch 64 (GiB)", saved, ">= 2", saved >= 2)]
+    return [("network step, one view: aggregation peak memory saved at batch 64 (GiB)", saved, ">= 2", saved >= 2)]
 
 
 def loader_rate(loader):
@@ -100,8 +127,8 @@ def step_targets(data, loader=None, cores=16):
     return out
 
 
-CHECKS = {"bench_loss": loss_targets, "bench_context": context_targets, "bench_network": network_targets,
-          "bench_step": step_targets}
+CHECKS = {"bench_loss": loss_targets, "bench_context": context_targets, "bench_aggregate": aggregate_targets,
+          "bench_network": network_targets, "bench_step": step_targets}
 
 
 def load_loader(out_dir: Path, loader_path: Path = None):
@@ -127,8 +154,8 @@ def verdicts(out_dir: Path, loader_path: Path = None):
         results = check(data, loader=loader) if name == "bench_step" else check(data)
         for what, value, wanted, ok in results:
             shown = "—" if value is None else f"{value:.2f}"
-            verdict = "not measured" if ok is None else ("PASS" if ok else "FAIL")
-            if on_cpu and ok is not None:
+            verdict = "not measured" if ok is None else ok if isinstance(ok, str) else ("PASS" if ok else "FAIL")
+            if on_cpu and ok is not None and not isinstance(ok, str):
                 verdict = "CPU run: GPU target not judged"
             rows.append((what, shown, wanted, verdict))
         out.append((name, data["meta"], rows))

@@ -1,13 +1,19 @@
 """Fused context-bottleneck op against the official block in float64."""
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from mlvicx_fast import ContextBottleneck
 from mlvicx_fast.ops.context_bottleneck import context_bottleneck, context_bottleneck_reference
 
+cb = importlib.import_module("mlvicx_fast.ops.context_bottleneck")  # the module (ops re-exports the function)
+
 from .helpers import TRITON_DEVICE, rel_err
 
-SHAPES = [(2, 8, 7, 7), (3, 16, 13, 11), (1, 64, 1, 1), (2, 32, 28, 28)]
+SHAPES = [(2, 8, 7, 7), (3, 16, 13, 11), (1, 64, 1, 1), (2, 32, 28, 28), (1, 1, 5, 3), (2, 3, 1, 9)]
 # relative-norm tolerance of (output and dx, weight gradients) per input dtype: bf16 output
 # and dx are rounded to bf16 (2^-9); the weight gradients accumulate in float32 either way
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 1e-3), torch.float16: (2e-3, 1e-3)}
@@ -155,3 +161,195 @@ def test_fp16_and_strided_input():
     assert not strided.is_contiguous() and not strided.is_contiguous(memory_format=torch.channels_last)
     out, out_ref, grads, grads_ref = run_both(strided, w1, w2, ws)
     assert rel_err(out, out_ref) < 2e-5 and rel_err(grads[0], grads_ref[0]) < 2e-5
+
+
+# --------------------------------------------------------------------------------------------
+# The launch plan a GPU gets, checked here too (interpreted on the CPU): pixel splits (S > 1)
+# finished by the gate kernel, small tiles, several partial rows per reduction step
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def gpu_plan(monkeypatch):
+    """Launch with the plan of a 132-multiprocessor GPU, whatever runs the kernels."""
+    plan_for = cb._plan_for
+    monkeypatch.setattr(cb, "_plan_for", lambda x, hidden: plan_for(x, hidden, sms=132, interp=False))
+
+
+GPU_PLAN_SHAPES = [(2, 8, 7, 7), (3, 40, 13, 11), (2, 64, 36, 36), (2, 130, 9, 9), (17, 6, 23, 23), (1, 1, 5, 3),
+                   (2, 3, 1, 1)]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", GPU_PLAN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_gpu_plan_matches_reference(gpu_plan, shape, channels_last):
+    x, w1, w2, ws = make_inputs(shape, torch.float32, channels_last)
+    out, out_ref, grads, grads_ref = run_both(x, w1, w2, ws)
+    assert rel_err(out, out_ref) < 2e-5
+    for name, g, g_ref in zip(("x", "mlp.0", "mlp.2", "spatial"), grads, grads_ref):
+        assert rel_err(g, g_ref) < 2e-5, name
+
+
+def test_gpu_plan_splits_pixels():
+    """The shapes above reach what only the GPU plan does: pixel splits finished by the gate
+    kernel, more partial rows than one reduction step takes, several dW tiles and n steps."""
+    plan = cb._plan(2, 64, 36, 36, 32, True, 132, False)
+    assert plan.S > 1 and plan.n_pb > plan.rows and plan.n_cb == 1
+    plan = cb._plan(17, 6, 23, 23, 3, True, 132, False)
+    assert 17 * plan.n_sb > plan.rows and 17 > 16  # dWs rows; n steps of BLOCK_N = 16
+    assert cb._plan(2, 130, 9, 9, 65, True, 132, False).n_w2 > 1
+    assert cb._plan(64, 64, 112, 112, 32, True, 132, False).S > 1
+    assert cb._plan(2, 64, 36, 36, 32, True, 0, True).S == 1
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_gpu_plan_bf16_and_ties(gpu_plan, channels_last):
+    x, w1, w2, ws = make_inputs((2, 48, 15, 17), torch.bfloat16, channels_last)
+    out, out_ref, grads, grads_ref = run_both(x, w1, w2, ws)
+    tol_x, tol_w = TOL[torch.bfloat16]
+    assert out.dtype == torch.bfloat16 and rel_err(out, out_ref) < tol_x
+    assert rel_err(grads[0], grads_ref[0]) < tol_x
+    assert all(rel_err(g, r) < tol_w for g, r in zip(grads[1:], grads_ref[1:]))
+    # integer x, a = 1/2 exactly: ties in both maxima; the first index takes the gradient
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randint(-2, 3, (2, 48, 15, 17), device=TRITON_DEVICE).float().contiguous(memory_format=fmt)
+    out, out_ref, grads, grads_ref = run_both(x, w1, torch.zeros_like(w2), ws)
+    assert rel_err(out, out_ref) < 1e-6
+    for name, g, g_ref in zip(("x", "mlp.0", "mlp.2", "spatial"), grads, grads_ref):
+        assert torch.allclose(g.double(), g_ref, rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.triton
+def test_deterministic(gpu_plan):
+    """No atomics: two runs give the same bits, output and every gradient."""
+    x, w1, w2, ws = make_inputs((3, 40, 13, 11), torch.float32, True)
+    grad = torch.randn_like(x)
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2, ws)]
+        out = context_bottleneck(*leaves, backend="triton")
+        out.backward(grad)
+        runs.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Which path runs: eager autograd.Function, custom ops under torch.compile, no autograd at all
+# --------------------------------------------------------------------------------------------
+@pytest.mark.triton
+def test_eager_goes_through_autograd_function():
+    x, w1, w2, ws = make_inputs((2, 16, 9, 9), torch.float32, True)
+    x.requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = context_bottleneck(x, w1, w2, ws, backend="triton")
+        out.sum().backward()
+    assert type(out.grad_fn).__name__ == "_ContextBottleneckFunctionBackward"
+    assert not [e.name for e in prof.events() if e.name.startswith("mlvicx_fast::")], "custom op used in eager"
+    with torch.no_grad():
+        plain = context_bottleneck(x, w1, w2, ws, backend="triton")
+    assert plain.grad_fn is None and torch.equal(plain, out.detach())
+    frozen = context_bottleneck(x.detach(), w1, w2, ws, backend="triton")  # nothing needs a gradient
+    assert frozen.grad_fn is None and torch.equal(frozen, out.detach())
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_compile_goes_through_custom_ops(channels_last):
+    """Under torch.compile the block is one custom-op node (its backward the other custom op);
+    output and all gradients match the float64 reference."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward  # run the captured graph as it is: the custom ops and their autograd
+
+    x, w1, w2, ws = make_inputs((2, 16, 9, 9), torch.float32, channels_last)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2, ws)]
+    ref = [t.detach().double().requires_grad_() for t in (x, w1, w2, ws)]
+    fn = torch.compile(lambda *t: context_bottleneck(*t, backend="triton"), backend=record, fullgraph=True)
+    out = fn(*leaves)
+    code = "\n".join(gm.code for gm in graphs)
+    assert "context_bottleneck_forward" in code and "_ContextBottleneckFunction" not in code
+    grad = torch.randn_like(out)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.backward(grad)
+    assert any(e.name == "mlvicx_fast::context_bottleneck_backward" for e in prof.events())
+    out_ref = context_bottleneck_reference(*ref)
+    out_ref.backward(grad.double())
+    assert rel_err(out, out_ref) < 2e-5
+    for name, t, r in zip(("x", "mlp.0", "mlp.2", "spatial"), leaves, ref):
+        assert rel_err(t.grad, r.grad) < 2e-5, name
+
+
+# --------------------------------------------------------------------------------------------
+# Weights and gradients in other layouts and dtypes
+# --------------------------------------------------------------------------------------------
+@pytest.mark.triton
+def test_channels_last_module_and_bf16_weights():
+    """module.to(memory_format=channels_last) gives the 7x7 weight other strides; bf16 weights
+    get bf16 gradients. Both against the torch backend on the same module."""
+    block = ContextBottleneck(24).to(TRITON_DEVICE).to(memory_format=torch.channels_last)
+    assert not block.spatial.weight.is_contiguous()
+    x = torch.randn(2, 24, 11, 10, device=TRITON_DEVICE).contiguous(memory_format=torch.channels_last)
+    results = {}
+    for backend in ("torch", "triton"):
+        block.zero_grad(set_to_none=True)
+        block.backend = backend
+        xg = x.detach().requires_grad_()
+        block(xg).square().sum().backward()
+        results[backend] = [xg.grad] + [p.grad for p in block.parameters()]
+    for name, a, b in zip(("x", "mlp.0", "mlp.2", "spatial"), results["triton"], results["torch"]):
+        assert rel_err(a, b) < 1e-4, name
+    block = block.to(torch.bfloat16)
+    block.zero_grad(set_to_none=True)
+    block.backend = "triton"
+    block(x.to(torch.bfloat16)).float().square().sum().backward()
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+@pytest.mark.triton
+def test_gradient_with_other_strides():
+    """dL/dout in another layout than x (or expanded) is copied to x's strides first."""
+    x, w1, w2, ws = make_inputs((2, 12, 8, 9), torch.float32, True)
+    ref = [t.detach().double().requires_grad_() for t in (x, w1, w2, ws)]
+    out_ref = context_bottleneck_reference(*ref)
+    for grad in (torch.randn(x.shape, device=x.device), torch.ones(()).expand(x.shape)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2, ws)]
+        context_bottleneck(*leaves, backend="triton").backward(grad)
+        expected = torch.autograd.grad(out_ref, ref, grad.double(), retain_graph=True)
+        for name, t, r in zip(("x", "mlp.0", "mlp.2", "spatial"), leaves, expected):
+            assert rel_err(t.grad, r) < 2e-5, name
+
+
+@pytest.mark.triton
+def test_nan_input_gives_nan():
+    x, w1, w2, ws = make_inputs((2, 8, 6, 6), torch.float32, False)
+    x[1, 3, 2, 2] = float("nan")
+    out = context_bottleneck(x, w1, w2, ws, backend="triton")
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).any()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_host_work_per_call(channels_last):
+    """What one eager call asks of the host, counted as bench_context.py counts it: forward 4
+    Triton launches and 2 allocations, backward 5 launches and 5 allocations, no other torch op
+    (this shape has one pixel block, so no split partial sums and their buffer on any device)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from common import count_host_ops
+    finally:
+        sys.path.pop(0)
+    block = ContextBottleneck(16, backend="triton").to(TRITON_DEVICE)
+    x, *_ = make_inputs((2, 16, 9, 9), torch.float32, channels_last)
+    x.requires_grad_()
+    grad = torch.randn_like(x)
+    block(x).backward(grad)  # warm-up
+    out = []
+    forward = count_host_ops(lambda: out.append(block(x)))
+    backward = count_host_ops(lambda: out[0].backward(grad))
+    assert (forward["triton"], forward["torch"], forward["custom_op"]) == (4, 2, 0), forward["names"]
+    assert (backward["triton"], backward["torch"], backward["custom_op"]) == (5, 5, 0), backward["names"]
+    assert set(forward["names"]) - {"aten::empty", "aten::empty_like"} == {
+        "triton::_spatial_stats_kernel", "triton::_gate_kernel", "triton::_channel_stats_kernel", "triton::_apply_kernel"}
