@@ -30,9 +30,10 @@ from common import OUT_DIR, meta  # noqa: E402
 # (group, pattern on the kernel name), first match wins
 GROUPS = [
     ("loss (ours)", r"_narrow_|_stats_kernel|_gram|_grad_kernel|_finalize_kernel"),
-    ("context block (ours)", r"_spatial_stats|_channel_stats|_apply_gates|_bwd_reduce|_bwd_pooled|_bwd_input"),
+    ("context block (ours)", r"_spatial_stats|_gate_kernel|_channel_stats|_apply_kernel|_bwd_reduce|_spatial_bwd|"
+                             r"_bwd_pooled|_gate_bwd|_bwd_input"),
     ("augmentation (ours)", r"_augment_kernel"),
-    ("LARS / foreach", r"multi_tensor|foreach|lars"),
+    ("LARS", r"_lars_|multi_tensor|foreach"),
     ("batch norm", r"batch_norm|bn_|batchnorm|welford"),
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit|winograd"),
     ("matrix product", r"gemm|cutlass|matmul|xmma|cublas"),

@@ -51,6 +51,7 @@ class LARS(Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
         self.fused = fused
         self._tables: Dict[int, object] = {}  # fused kernels' pointer tables, per param group
+        self._scratch: Dict[int, List[torch.Tensor]] = {}  # foreach path's d = g + wd p, per group
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,7 +72,11 @@ class LARS(Optimizer):
             plain = [p for p in params if exclude_bias_and_norm(p)]
             updates: List[torch.Tensor] = [p.grad for p in plain]
             if adapt:
-                d = torch._foreach_add([p.grad for p in adapt], adapt, alpha=group["weight_decay"])
+                # d = g + wd p in buffers kept between steps: a fresh allocation of the size of the
+                # parameters costs more than the arithmetic on the CPU (the pages are faulted in anew)
+                d = self._scratch_for(i, adapt)
+                torch._foreach_copy_(d, [p.grad for p in adapt])
+                torch._foreach_add_(d, adapt, alpha=group["weight_decay"])
                 p_norm = torch.stack(torch._foreach_norm(adapt))
                 d_norm = torch.stack(torch._foreach_norm(d))
                 one = torch.ones_like(p_norm)
@@ -85,11 +90,22 @@ class LARS(Optimizer):
             torch._foreach_mul_(mu, group["momentum"])
             torch._foreach_add_(mu, updates)
             lr = group["lr"]
+            if isinstance(lr, torch.Tensor) and lr.device.type == "cpu":
+                lr = float(lr)  # no device to wait for; saves a parameter-sized temporary
             if isinstance(lr, torch.Tensor):
                 torch._foreach_add_(params, torch._foreach_mul(mu, -lr))
             else:
                 torch._foreach_add_(params, mu, alpha=-lr)
         return loss
+
+    def _scratch_for(self, index: int, params: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Per-group buffers shaped like `params`, reused across steps (not part of the state)."""
+        bufs = self._scratch.get(index)
+        if bufs is None or [(b.shape, b.dtype, b.device, b.stride()) for b in bufs] != \
+                [(p.shape, p.dtype, p.device, p.stride()) for p in params]:
+            bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+            self._scratch[index] = bufs
+        return bufs
 
 
     def _step_fused(self, index: int, group: dict, params: List[torch.Tensor]) -> bool:
