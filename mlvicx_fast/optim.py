@@ -12,10 +12,12 @@ Defaults: momentum 0.9, eta 0.001, weight decay 1e-6 (the official VICReg/MLVICX
 Schedule: lr = base_lr * batch / 256; linear warmup from 0 over `warmup_steps`, then a half
 cosine down to 0.001 * lr at the last step.
 
-:class:`LARS` does the update with ``torch._foreach_*`` ops over all parameters of a group at
-once (few kernel launches, no host sync, so a CUDA graph can capture it; ``lr`` may be a float or
-a 0-dim tensor on the parameters' device). :func:`lars_step_reference` is the plain per-parameter
-loop it is tested against.
+:class:`LARS` updates float32 CUDA parameters with the fused Triton kernels of
+:mod:`mlvicx_fast.ops.lars` (three launches, seven passes over the parameters) and anything else
+with ``torch._foreach_*`` ops over all parameters of a group at once. Neither synchronises with
+the host, so a CUDA graph can capture the step; ``lr`` may be a float or a 0-dim tensor on the
+parameters' device. :func:`lars_step_reference` is the plain per-parameter loop both are tested
+against.
 """
 from __future__ import annotations
 
