@@ -6,7 +6,11 @@
 # with RESULTS.md + plots/ gathered by benchmarks/run_all.py from them at the end.
 # STAGES="a b" runs only the named stages; GPU_TESTS overrides the test files of gpu_tests.
 #
-#   MLVICX_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh   # repository root; ~9 min
+#   MLVICX_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh   # repository root
+#
+# All stages' limits add up to ~15 min; where one command may run 10 min at most, split it in two:
+#   STAGES="gpu_tests bench_loss bench_context bench_step profile_step"        (limits: 540 s)
+#   STAGES="bench_aggregate bench_optim bench_augment bench_network train_smoke profile_loss"
 #
 # Needs torch with CUDA, triton, pytest, pytest-benchmark, Pillow (the GPU image has them); FFCV is
 # not needed (tests that need it skip). Nothing is installed: the package is used from this checkout.
