@@ -362,7 +362,7 @@ if HAS_TRITON:
     # of a column block can centre it exactly, so the statistics and the Gram matrix are formed
     # in one pass over Z; the second launch reduces the partial Gram matrices, forms the
     # gradients and (one extra program) the loss. Workspace layout, float32:
-    #   [0, 4) out = [loss, inv, var, cov] | mean (2, r) | var (2, r) | stat partials
+    #   [0, 4) unused | mean (2, r) | var (2, r) | stat partials
     #   (2, n_split, 4) = [sum (z1 - z2)^2, sum relu(1 - std), sum v^2, 0] | Gram partials
     #   (2, n_split, BM, BM), the rows beyond b zero.
     # ----------------------------------------------------------------------------------------
@@ -439,13 +439,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _narrow_grad_kernel(
-        z1_ptr, z2_ptr, sb, sr, dz1_ptr, dz2_ptr, ws_ptr,
+        z1_ptr, z2_ptr, sb, sr, dz1_ptr, dz2_ptr, ws_ptr, out_ptr,
         b, r, n_split, n_col_blocks, eps, sim, std_c, cov_c,
         HAS_INV: tl.constexpr, HAS_VAR: tl.constexpr, HAS_COV: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
     ):
         """Program (block, view), block < n_col_blocks: dL/dZ for BN columns of one view (dz
-        buffers are contiguous b x r). Program (n_col_blocks, 0): the loss and its terms."""
+        buffers are contiguous b x r). Program (n_col_blocks, 0): out = [loss, inv, var, cov]."""
         pid = tl.program_id(0)
         view = tl.program_id(1)
         scale = 1.0 / (b - 1)
@@ -479,10 +479,10 @@ if HAS_TRITON:
                     loss += std_c * var
                 if HAS_COV:
                     loss += cov_c * cov
-                tl.store(ws_ptr + 0, loss)
-                tl.store(ws_ptr + 1, inv)
-                tl.store(ws_ptr + 2, var)
-                tl.store(ws_ptr + 3, cov)
+                tl.store(out_ptr + 0, loss)
+                tl.store(out_ptr + 1, inv)
+                tl.store(out_ptr + 2, var)
+                tl.store(out_ptr + 3, cov)
             return
         if view == 0:
             z_ptr = z1_ptr
@@ -603,12 +603,13 @@ def _forward_narrow(z1, z2, sim, std, cov, eps, need_grad):
     else:  # only the loss program (its index is n_col_blocks = 0)
         dz1, dz2 = z1.new_empty(0), z2.new_empty(0)  # outputs of a custom op may not alias
         grid, n_cb = (1, 1), 0
+    out = torch.empty(4, device=z1.device, dtype=torch.float32)  # its own storage: a custom op's output
     _narrow_grad_kernel[grid](
-        z1, z2, sb, sr, dz1, dz2, ws, b, r, n_split, n_cb, eps, sim, std, cov,
+        z1, z2, sb, sr, dz1, dz2, ws, out, b, r, n_split, n_cb, eps, sim, std, cov,
         HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, PREC=prec, BM=bm, BN=bn, BS=64,
         num_warps=warps,
     )
-    return ws[:4], dz1, dz2
+    return out, dz1, dz2
 
 
 def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
