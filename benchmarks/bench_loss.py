@@ -5,7 +5,9 @@ Reads nothing; writes benchmarks/out/bench_loss.{csv,json,md} and prints the mar
 Providers:
   official         the official formula (r x r covariance), eager
   official-compile the same under torch.compile
-  ours             mlvicx_fast.ops.vicreg_loss, backend 'auto' (Triton on CUDA, torch Gram on CPU)
+  ours             mlvicx_fast.ops.vicreg_loss, backend 'auto' (Triton on CUDA, torch Gram on CPU);
+                   on a GPU the large shapes' products pick 'tf32x3' or 'fp16x3' by timing
+  ours-tf32x3      ours with the products fixed to 'tf32x3' (CUDA only): what that choice adds
 
 Examples:
   python benchmarks/bench_loss.py --quick          # CPU, two shapes, a few seconds
@@ -15,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,14 +45,27 @@ def parse_shape(text: str):
     return b, r
 
 
+def tf32x3_only(z1, z2):
+    """Ours with the products fixed to 'tf32x3' (tiles still tuned): what the precision choice adds."""
+    old = os.environ.get("MLVICX_FP32_DOT")
+    os.environ["MLVICX_FP32_DOT"] = "tf32x3"
+    try:
+        return vicreg_loss(z1, z2)
+    finally:
+        if old is None:
+            del os.environ["MLVICX_FP32_DOT"]
+        else:
+            os.environ["MLVICX_FP32_DOT"] = old
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run (default: cuda when available)")
     p.add_argument("--shapes", nargs="+", type=parse_shape, help="b x r shapes, e.g. 64x2048 (default: per device)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: fp32 bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--providers", nargs="+", choices=["official", "official-compile", "ours"],
-                   help="default: all three (on CPU with --quick: official and ours)")
+    p.add_argument("--providers", nargs="+", choices=["official", "official-compile", "ours", "ours-tf32x3"],
+                   help="default: all (on the CPU: official, official-compile, ours; --quick: official, ours)")
     p.add_argument("--compile-shapes", nargs="+", type=parse_shape,
                    help="run official-compile only at these shapes (default: every shape; compiling takes time)")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: 64x2048 and 256x8192, fp32, no compile")
@@ -64,7 +80,7 @@ def main(argv=None) -> int:
     else:
         shapes = ALL_SHAPES if device == "cuda" else CPU_SHAPES
         dtypes = ["fp32", "bf16"] if device == "cuda" else ["fp32"]
-        providers = ["official", "official-compile", "ours"]
+        providers = ["official", "official-compile", "ours"] + (["ours-tf32x3"] if device == "cuda" else [])
     shapes = args.shapes or shapes
     dtypes = args.dtypes or dtypes
     providers = args.providers or providers
@@ -74,6 +90,7 @@ def main(argv=None) -> int:
         "official": vicreg_loss_reference,
         "official-compile": compiled_ref,
         "ours": vicreg_loss,
+        "ours-tf32x3": tf32x3_only,
     }
 
     rows = []

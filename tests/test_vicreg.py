@@ -309,10 +309,55 @@ def test_autotune_configs_include_the_fixed_tiles(monkeypatch):
 
     monkeypatch.setattr(vicreg, "interpreting", lambda: False)
     t = vicreg._tile_sizes(2048, 8192)
-    gram = [(c.kwargs["BM"], c.kwargs["BK"], c.num_warps) for c in vicreg._GRAM_CONFIGS]
-    grad = [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps) for c in vicreg._GRAD_CONFIGS]
-    assert (t["gram_m"], t["gram_k"], t["warps"]) in gram
-    assert (t["grad_m"], t["grad_n"], t["grad_k"], t["warps"]) in grad
+    for tune_prec in (True, False):
+        gram = [(c.kwargs["BM"], c.kwargs["BK"], c.num_warps, c.kwargs.get("PREC", "tf32x3"))
+                for c in vicreg._gram_tuned[tune_prec].configs]
+        grad = [(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.kwargs.get("PREC", "tf32x3"))
+                for c in vicreg._grad_tuned[tune_prec].configs]
+        assert (t["gram_m"], t["gram_k"], t["warps"], "tf32x3") in gram
+        assert (t["grad_m"], t["grad_n"], t["grad_k"], t["warps"], "tf32x3") in grad
+        assert {p for *_, p in gram} == ({"tf32x3", "fp16x3"} if tune_prec else {"tf32x3"})
     assert vicreg._autotune()
     monkeypatch.setenv("MLVICX_AUTOTUNE", "0")
     assert not vicreg._autotune()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", [(64, 2048), (3, 4097), (129, 131), (300, 64), (1000, 17), (17, 16)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("scale,shift", [(1.0, 0.0), (1e3, 5e3), (1e-3, 0.0)], ids=["unit", "large", "small"])
+def test_fp16x3_products_keep_fp32_accuracy(monkeypatch, shape, scale, shift):
+    """The tiled path with the 'fp16x3' products (operands scaled into float16's range by a power of
+    two and split in two halves) meets the float32 tolerance, at large and small magnitudes too."""
+    import mlvicx_fast.ops.vicreg as vicreg
+
+    monkeypatch.setattr(vicreg, "NARROW_MAX_B", 0)
+    monkeypatch.setenv("MLVICX_FP32_DOT", "fp16x3")
+    z1, z2 = rand_pair(*shape, TRITON_DEVICE, scale=scale, shift=shift)
+    assert_matches(z1, z2, "triton")
+
+
+@pytest.mark.triton
+def test_fp16x3_collapsed_and_nan(monkeypatch):
+    """fp16x3 with zero variance (the scale falls back to 1) and with a NaN (NaN loss)."""
+    import mlvicx_fast.ops.vicreg as vicreg
+
+    monkeypatch.setattr(vicreg, "NARROW_MAX_B", 0)
+    monkeypatch.setenv("MLVICX_FP32_DOT", "fp16x3")
+    for shape in ((8, 32), (64, 16)):
+        z1 = torch.randn(1, shape[1], device=TRITON_DEVICE).expand(*shape).contiguous()
+        z2 = torch.randn(1, shape[1], device=TRITON_DEVICE).expand(*shape).contiguous()
+        assert_matches(z1, z2, "triton")
+        z1, z2 = rand_pair(*shape, TRITON_DEVICE)
+        z1[3, 5] = math.nan
+        assert math.isnan(vicreg_loss(z1, z2, backend="triton").item())
+
+
+def test_fp32_dot_choice_is_checked(monkeypatch):
+    from mlvicx_fast.ops._triton import fp32_dot_precision
+
+    monkeypatch.setenv("MLVICX_FP32_DOT", "fp8")
+    with pytest.raises(ValueError, match=r"MLVICX_FP32_DOT='fp8': expected one of \('tf32x3', 'fp16x3', 'tf32', 'ieee'\)"):
+        fp32_dot_precision()
+    monkeypatch.setenv("MLVICX_FP32_DOT", "fp16x3")
+    assert fp32_dot_precision() == "fp16x3"

@@ -46,13 +46,25 @@ def require_triton(op: str, *tensors: torch.Tensor) -> None:
         )
 
 
-def fp32_dot_precision() -> str:
-    """`input_precision` for tl.dot on float32 operands.
+FP32_DOT_CHOICES = ("tf32x3", "fp16x3", "tf32", "ieee")
 
-    On a GPU: '3xTF32' (three TF32 tensor-core products, close to float32 accuracy), or single
-    TF32 when the user turned on ``torch.backends.cuda.matmul.allow_tf32``. The interpreter computes
-    dots with numpy in float32 whatever this says.
+
+def fp32_dot_precision() -> str:
+    """How the loss kernels multiply float32 tiles (their PREC argument).
+
+    On a GPU: 'tf32x3' (three TF32 tensor-core products, close to float32 accuracy), or single
+    TF32 when the user turned on ``torch.backends.cuda.matmul.allow_tf32``. MLVICX_FP32_DOT picks
+    one explicitly: 'fp16x3' scales each operand by a power of two into float16's range, splits it
+    into two float16 parts (22 significant bits, as many as 'tf32x3') and adds three float16
+    products, at half the tensor-core cost (float16 runs at twice the TF32 rate); 'ieee' uses no
+    tensor cores. The interpreter computes every mode's products in float32 with numpy ('fp16x3'
+    really scales and splits there too).
     """
+    choice = os.environ.get("MLVICX_FP32_DOT", "")
+    if choice:
+        if choice not in FP32_DOT_CHOICES:
+            raise ValueError(f"MLVICX_FP32_DOT={choice!r}: expected one of {FP32_DOT_CHOICES}")
+        return choice
     if interpreting():
         return "ieee"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"

@@ -65,6 +65,43 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 if HAS_TRITON:
 
     @triton.jit
+    def _mma(a, b, acc, PREC: tl.constexpr):
+        """acc + a @ b for float32 tiles. PREC 'fp16x3' (operands already scaled into float16's
+        range by the caller, see _fp16_scale): a = a_hi + a_lo, b = b_hi + b_lo in float16 and
+        acc + a_hi b_lo + a_lo b_hi + a_hi b_hi, the small products first, each exact in float32.
+        Otherwise tl.dot with input_precision=PREC."""
+        if PREC == "fp16x3":
+            a_hi = a.to(tl.float16)
+            b_hi = b.to(tl.float16)
+            a_lo = (a - a_hi.to(tl.float32)).to(tl.float16)
+            b_lo = (b - b_hi.to(tl.float32)).to(tl.float16)
+            acc = tl.dot(a_hi, b_lo, acc)
+            acc = tl.dot(a_lo, b_hi, acc)
+            acc = tl.dot(a_hi, b_hi, acc)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+        return acc
+
+    @triton.jit
+    def _fp16_scale(bound):
+        """Power of two s with bound * s <= 2^14 (1 when bound is 0, Inf or NaN): scaled operands
+        stay below float16's 65504 and their low parts stay normal down to 2^-17 of the bound."""
+        ok = (bound > 0.0) & (bound < 3.0e38)
+        e = tl.ceil(tl.log2(tl.where(ok, bound, 1.0)))
+        return tl.where(ok, tl.exp2(14.0 - e), 1.0)
+
+    @triton.jit
+    def _max_var(stat_ptr, n_stat, view, BLOCK: tl.constexpr):
+        """The largest column variance of one view, from the column-statistics partials."""
+        offs = tl.arange(0, BLOCK)
+        vmax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_stat, BLOCK):
+            idx = start + offs
+            vmax = tl.maximum(vmax, tl.load(stat_ptr + idx * 8 + 5 + view, mask=idx < n_stat, other=0.0))
+        return tl.max(vmax, axis=0)
+
+
+    @triton.jit
     def _stats_kernel(
         z1_ptr, z2_ptr, sb, sr,
         mean_ptr, var_ptr, part_ptr,
@@ -97,7 +134,7 @@ if HAS_TRITON:
         part = part_ptr + pid * 8
         tl.store(part + 0, tl.sum(sq, axis=0))
         if not NEED_STATS:
-            for slot in tl.static_range(1, 5):
+            for slot in tl.static_range(1, 7):
                 tl.store(part + slot, 0.0)
         else:
             mean1 = shift1 + sum1 / b
@@ -128,6 +165,9 @@ if HAS_TRITON:
             tl.store(part + 2, tl.sum(h2, axis=0))
             tl.store(part + 3, tl.sum(tl.where(cmask, v1 * v1, 0.0), axis=0))
             tl.store(part + 4, tl.sum(tl.where(cmask, v2 * v2, 0.0), axis=0))
+            # largest variance per view: the fp16x3 products scale their operands by it
+            tl.store(part + 5, tl.max(tl.where(cmask, v1, 0.0), axis=0))
+            tl.store(part + 6, tl.max(tl.where(cmask, v2, 0.0), axis=0))
 
     @triton.jit
     def _gram_epilogue(acc, rm, rn, M, out_ptr, part, pid_m, pid_n, scale, TRANSPOSED: tl.constexpr):
@@ -147,7 +187,7 @@ if HAS_TRITON:
     @triton.jit
     def _gram_kernel(
         z1_ptr, z2_ptr, sb, sr,
-        mean_ptr, out_ptr, part_ptr, partial_ptr,
+        mean_ptr, out_ptr, part_ptr, partial_ptr, stat_ptr, n_stat,
         b, r, scale, k_chunk, part_stride,
         TRANSPOSED: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BK: tl.constexpr,
@@ -188,6 +228,9 @@ if HAS_TRITON:
         rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
         rn = (pid_n * BM + tl.arange(0, BM)).to(tl.int64)
         acc = tl.zeros([BM, BM], dtype=tl.float32)
+        zs = 1.0
+        if PREC == "fp16x3":  # |Zc| <= sqrt((b-1) max v): scale it into float16's range
+            zs = _fp16_scale(tl.sqrt((b - 1) * _max_var(stat_ptr, n_stat, view, 128)))
         for k0 in range(k_begin, k_end, BK):
             rk = (k0 + tl.arange(0, BK)).to(tl.int64)
             if TRANSPOSED:
@@ -198,9 +241,9 @@ if HAS_TRITON:
                 bt = tl.load(z_ptr + rk[:, None] * sb + rn[None, :] * sr, mask=mb, other=0.0).to(tl.float32)
                 mu_m = tl.load(mean + rm, mask=rm < M, other=0.0)
                 mu_n = tl.load(mean + rn, mask=rn < M, other=0.0)
-                a = tl.where(ma, a - mu_m[None, :], 0.0)
-                bt = tl.where(mb, bt - mu_n[None, :], 0.0)
-                acc = tl.dot(tl.trans(a), bt, acc, input_precision=PREC)
+                a = tl.where(ma, (a - mu_m[None, :]) * zs, 0.0)
+                bt = tl.where(mb, (bt - mu_n[None, :]) * zs, 0.0)
+                acc = _mma(tl.trans(a), bt, acc, PREC)
             else:
                 # tiles Z[m, k] and Z[n, k]; centre by the column means of k
                 ma = (rm < M)[:, None] & (rk < k_end)[None, :]
@@ -208,9 +251,11 @@ if HAS_TRITON:
                 a = tl.load(z_ptr + rm[:, None] * sb + rk[None, :] * sr, mask=ma, other=0.0).to(tl.float32)
                 bt = tl.load(z_ptr + rn[:, None] * sb + rk[None, :] * sr, mask=mb, other=0.0).to(tl.float32)
                 mu_k = tl.load(mean + rk, mask=rk < K, other=0.0)
-                a = tl.where(ma, a - mu_k[None, :], 0.0)
-                bt = tl.where(mb, bt - mu_k[None, :], 0.0)
-                acc = tl.dot(a, tl.trans(bt), acc, input_precision=PREC)
+                a = tl.where(ma, (a - mu_k[None, :]) * zs, 0.0)
+                bt = tl.where(mb, (bt - mu_k[None, :]) * zs, 0.0)
+                acc = _mma(a, tl.trans(bt), acc, PREC)
+        if PREC == "fp16x3":
+            acc = acc * (1.0 / (zs * zs))  # powers of two: exact
         if SPLIT:
             omask = (rm < M)[:, None] & (rn < M)[None, :]
             tile = partial_ptr + (view * n_split + split).to(tl.int64) * M * M
@@ -243,7 +288,7 @@ if HAS_TRITON:
     @triton.jit
     def _grad_kernel(
         z1_ptr, z2_ptr, sb, sr,
-        dz1_ptr, dz2_ptr, mean_ptr, var_ptr, gram_ptr,
+        dz1_ptr, dz2_ptr, mean_ptr, var_ptr, gram_ptr, stat_ptr, n_stat,
         b, r, eps, c_inv, c_var, c_cov,
         HAS_INV: tl.constexpr, HAS_VAR: tl.constexpr, HAS_COV: tl.constexpr,
         TRANSPOSED: tl.constexpr, PREC: tl.constexpr,
@@ -282,6 +327,15 @@ if HAS_TRITON:
                 g -= c_var * xc * w[None, :]
             if HAS_COV:
                 acc = tl.zeros([BM, BN], dtype=tl.float32)
+                zs = 1.0  # fp16x3: power-of-two scales from bounds on |Zc| and |G|, |C| (see _fp16_scale)
+                ms = 1.0
+                if PREC == "fp16x3":
+                    vmax = _max_var(stat_ptr, n_stat, view, 128)
+                    zs = _fp16_scale(tl.sqrt((b - 1) * vmax))  # |Zc| <= sqrt((b-1) max v)
+                    if TRANSPOSED:
+                        ms = _fp16_scale(vmax)  # |C_lq| <= max v
+                    else:
+                        ms = _fp16_scale(r * vmax)  # |G_ij| / (b-1) <= r max v
                 if TRANSPOSED:
                     # acc = Zc[m, :] @ (C - diag C)[:, n], reduction over r
                     cmat = gram_ptr + view * r * r
@@ -290,21 +344,25 @@ if HAS_TRITON:
                         ma = (rm < b)[:, None] & (rk < r)[None, :]
                         a = tl.load(z_ptr + rm[:, None] * sb + rk[None, :] * sr, mask=ma, other=0.0).to(tl.float32)
                         mu_k = tl.load(mean + rk, mask=rk < r, other=0.0)
-                        a = tl.where(ma, a - mu_k[None, :], 0.0)
+                        a = tl.where(ma, (a - mu_k[None, :]) * zs, 0.0)
                         mc = (rk < r)[:, None] & (rn < r)[None, :]
-                        c = tl.load(cmat + rk[:, None] * r + rn[None, :], mask=mc, other=0.0)
-                        acc = tl.dot(a, c, acc, input_precision=PREC)
+                        c = tl.load(cmat + rk[:, None] * r + rn[None, :], mask=mc, other=0.0) * ms
+                        acc = _mma(a, c, acc, PREC)
+                    if PREC == "fp16x3":
+                        acc = acc * (1.0 / (zs * ms))
                 else:
                     # acc = (G/(b-1))[m, :] @ Zc[:, n] - Zc[m, n] v[n], reduction over b
                     gmat = gram_ptr + view * b * b
                     for k0 in range(0, b, BK):
                         rk = (k0 + tl.arange(0, BK)).to(tl.int64)
                         ma = (rm < b)[:, None] & (rk < b)[None, :]
-                        a = tl.load(gmat + rm[:, None] * b + rk[None, :], mask=ma, other=0.0)
+                        a = tl.load(gmat + rm[:, None] * b + rk[None, :], mask=ma, other=0.0) * ms
                         mz = (rk < b)[:, None] & (rn < r)[None, :]
                         zk = tl.load(z_ptr + rk[:, None] * sb + rn[None, :] * sr, mask=mz, other=0.0).to(tl.float32)
-                        zk = tl.where(mz, zk - mu_n[None, :], 0.0)
-                        acc = tl.dot(a, zk, acc, input_precision=PREC)
+                        zk = tl.where(mz, (zk - mu_n[None, :]) * zs, 0.0)
+                        acc = _mma(a, zk, acc, PREC)
+                    if PREC == "fp16x3":
+                        acc = acc * (1.0 / (zs * ms))
                     acc -= xc * v_n[None, :]
                 g += c_cov * acc
         tl.store(dz_ptr + rm[:, None] * r + rn[None, :], g.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -418,7 +476,7 @@ if HAS_TRITON:
                     d = x - y
                     sq += tl.sum(d * d, axis=0)
             if HAS_COV:
-                acc = tl.dot(xc, tl.trans(xc), acc, input_precision=PREC)
+                acc = _mma(xc, tl.trans(xc), acc, PREC)
         tl.store(spart + 0, tl.sum(sq, axis=0))
         tl.store(spart + 1, tl.sum(hinge, axis=0))
         tl.store(spart + 2, tl.sum(vsq, axis=0))
@@ -512,16 +570,19 @@ if HAS_TRITON:
                 grad -= (std_c / (2.0 * r * (b - 1))) * xc * w[None, :]
             if HAS_COV:
                 g = _narrow_gram(ws_ptr, r, n_split, view, scale, BM)
-                gz = tl.dot(g, xc, input_precision=PREC)
+                gz = _mma(g, xc, tl.zeros([BM, BN], dtype=tl.float32), PREC)
                 grad += (4.0 * cov_c / (r * (b - 1))) * (gz - xc * v[None, :])
         out = rows.to(tl.int64)[:, None] * r + cols.to(tl.int64)[None, :]
         tl.store(dz_ptr + out, grad.to(dz_ptr.dtype.element_ty), mask=m)
 
 
-    # On a GPU the two big products of the tiled path pick their tiles by measurement, once per
-    # shape (the first call times each config; the fixed config of _tile_sizes is one of them, so
-    # tuning cannot pick anything slower). Only the unsplit Gram launch is tuned: its BM decides
-    # nothing outside the kernel. MLVICX_AUTOTUNE=0 keeps the fixed tiles (bit-identical runs).
+    # On a GPU the two big products of the tiled path pick their tiles, and between 'tf32x3' and
+    # 'fp16x3' (equally accurate, see fp32_dot_precision), by measurement once per shape: the first
+    # call times each config with a short do_bench. The fixed config of _tile_sizes is among them, so
+    # tuning cannot pick anything slower. Only the unsplit Gram launch is tuned: its BM decides
+    # nothing outside the kernel. With a precision fixed by the user (MLVICX_FP32_DOT, or TF32
+    # allowed in torch) only the tiles are tuned. MLVICX_AUTOTUNE=0 keeps the fixed tiles and
+    # 'tf32x3' (bit-identical runs).
     _GRAM_CONFIGS = [
         triton.Config({"BM": 64, "BK": 32}, num_warps=4, num_stages=3),
         triton.Config({"BM": 128, "BK": 32}, num_warps=8, num_stages=3),
@@ -534,8 +595,27 @@ if HAS_TRITON:
         triton.Config({"BM": 128, "BN": 64, "BK": 32}, num_warps=4, num_stages=4),
         triton.Config({"BM": 64, "BN": 128, "BK": 32}, num_warps=4, num_stages=4),
     ]
-    _gram_kernel_tuned = triton.autotune(_GRAM_CONFIGS, key=["b", "r", "TRANSPOSED"])(_gram_kernel)
-    _grad_kernel_tuned = triton.autotune(_GRAD_CONFIGS, key=["b", "r", "TRANSPOSED", "HAS_COV"])(_grad_kernel)
+    TUNED_PRECISIONS = ("tf32x3", "fp16x3")
+
+    def _with_precisions(configs):
+        return [triton.Config({**c.kwargs, "PREC": p}, num_warps=c.num_warps, num_stages=c.num_stages)
+                for p in TUNED_PRECISIONS for c in configs]
+
+    def _quick_bench(kernel_call, quantiles):
+        import triton.testing
+
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+    def _tuner(configs, key, fn):
+        return triton.autotune(configs, key=key, do_bench=_quick_bench)(fn)
+
+    _GRAM_KEY = ["b", "r", "TRANSPOSED"]
+    _GRAD_KEY = ["b", "r", "TRANSPOSED", "HAS_COV"]
+    # [precision tuned too, precision given]
+    _gram_tuned = {True: _tuner(_with_precisions(_GRAM_CONFIGS), _GRAM_KEY, _gram_kernel),
+                   False: _tuner(_GRAM_CONFIGS, _GRAM_KEY, _gram_kernel)}
+    _grad_tuned = {True: _tuner(_with_precisions(_GRAD_CONFIGS), _GRAD_KEY, _grad_kernel),
+                   False: _tuner(_GRAD_CONFIGS, _GRAD_KEY, _grad_kernel)}
 
 
 def _autotune() -> bool:
@@ -587,6 +667,8 @@ def _forward_narrow(z1, z2, sim, std, cov, eps, need_grad):
     has_inv, has_var, has_cov = sim != 0.0, std != 0.0, cov != 0.0
     bm, bk, chunk, n_split, bn, n_cb, warps = _narrow_config(b, r, interpreting())
     prec = fp32_dot_precision()
+    if prec == "fp16x3":  # these shapes are bound by latency, not products: keep the unscaled path
+        prec = "tf32x3" if not interpreting() else "ieee"
     if z1.stride() != z2.stride():  # the kernels address both views with one pair of strides
         z1, z2 = z1.contiguous(), z2.contiguous()
     sb, sr = z1.stride()
@@ -622,6 +704,9 @@ def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
     transposed = b > r
     t = _tile_sizes(b, r)
     prec = fp32_dot_precision()
+    # the autotuner may choose the precision too, unless the user fixed one (MLVICX_FP32_DOT, or
+    # TF32 allowed in torch)
+    tune_prec = prec == "tf32x3" and not os.environ.get("MLVICX_FP32_DOT")
     if z1.stride() != z2.stride():  # the kernels address both views with one pair of strides
         z1, z2 = z1.contiguous(), z2.contiguous()
         strides = (r, 1)
@@ -647,10 +732,12 @@ def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
         gram = torch.empty(2, m_dim, m_dim, device=dev, dtype=torch.float32)
         gram_part = torch.zeros(2, n_m * n_m, device=dev, dtype=torch.float32)
         partial = torch.empty(2, n_split, m_dim, m_dim, device=dev, dtype=torch.float32) if n_split > 1 else gram
-        args = (z1, z2, *strides, mean, gram, gram_part, partial, b, r, 1.0 / (b - 1), k_chunk, n_m * n_m)
+        args = (z1, z2, *strides, mean, gram, gram_part, partial, stat_part, n_stat, b, r, 1.0 / (b - 1), k_chunk,
+                n_m * n_m)
         if n_split == 1 and _autotune():
-            _gram_kernel_tuned[lambda meta: (triton.cdiv(m_dim, meta["BM"]), triton.cdiv(m_dim, meta["BM"]), 2)](
-                *args, TRANSPOSED=transposed, SPLIT=False, PREC=prec,
+            prec_kw = {} if tune_prec else dict(PREC=prec)
+            _gram_tuned[tune_prec][lambda meta: (triton.cdiv(m_dim, meta["BM"]), triton.cdiv(m_dim, meta["BM"]), 2)](
+                *args, TRANSPOSED=transposed, SPLIT=False, **prec_kw,
             )
         else:
             _gram_kernel[(n_m, n_m, 2 * n_split)](
@@ -668,15 +755,18 @@ def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
     if need_grad:
         dz1 = torch.empty((b, r), device=dev, dtype=z1.dtype)
         dz2 = torch.empty((b, r), device=dev, dtype=z2.dtype)
-        args = (z1, z2, *strides, dz1, dz2, mean, var, gram, b, r, eps,
+        args = (z1, z2, *strides, dz1, dz2, mean, var, gram, stat_part, n_stat, b, r, eps,
                 2.0 * sim / (b * r), std / (2.0 * r * (b - 1)), 4.0 * cov / (r * (b - 1)))
-        flags = dict(HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, TRANSPOSED=transposed, PREC=prec)
+        flags = dict(HAS_INV=has_inv, HAS_VAR=has_var, HAS_COV=has_cov, TRANSPOSED=transposed)
         if _autotune():
-            _grad_kernel_tuned[lambda meta: (triton.cdiv(b, meta["BM"]), triton.cdiv(r, meta["BN"]), 2)](*args, **flags)
+            prec_kw = {} if tune_prec else dict(PREC=prec)
+            _grad_tuned[tune_prec][lambda meta: (triton.cdiv(b, meta["BM"]), triton.cdiv(r, meta["BN"]), 2)](
+                *args, **flags, **prec_kw,
+            )
         else:
             bm, bn = t["grad_m"], t["grad_n"]
             _grad_kernel[(triton.cdiv(b, bm), triton.cdiv(r, bn), 2)](
-                *args, **flags, BM=bm, BN=bn, BK=t["grad_k"], num_warps=t["warps"],
+                *args, **flags, PREC=prec, BM=bm, BN=bn, BK=t["grad_k"], num_warps=t["warps"],
             )
     else:
         dz1, dz2 = z1.new_empty(0), z2.new_empty(0)  # outputs of a custom op may not alias
