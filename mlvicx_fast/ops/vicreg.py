@@ -866,16 +866,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _g1, _g2):
     if not ctx.need_grad:
         raise RuntimeError("vicreg_loss: the loss was computed without gradients (no input required grad)")
-    return (*_hand_over_grads(ctx, grad_out), None, None, None, None, None, None)
+    # only the loss entry of the output is differentiable; the terms are for logging
+    return (*_hand_over_grads(ctx, grad_out[0]), None, None, None, None, None, None)
 
 
-def _hand_over_grads(ctx, grad_out):
-    """The gradients saved by the forward, scaled in place by dL/dloss and handed over: no second
-    full-size buffer and no host sync (a CUDA graph can capture it). A second backward through the
-    same forward is refused by autograd's version check on the saved tensors. Only the loss entry
-    of the output is differentiable; the terms are for logging."""
+def _hand_over_grads(ctx, g):
+    """The gradients saved by the forward, scaled in place by g = dL/dloss and handed over: no
+    second full-size buffer and no host sync (a CUDA graph can capture it). A second backward
+    through the same forward is refused by autograd's version check on the saved tensors."""
     dz1, dz2 = ctx.saved_tensors
-    g = grad_out[0]
     return dz1.mul_(g), dz2.mul_(g)
 
 
@@ -886,17 +885,22 @@ _IMPLS = {"triton": _forward_triton, "torch": _forward_torch}
 
 
 class _VICRegFunction(torch.autograd.Function):
-    """The eager path: the same forward (gradients included) and in-place backward as the custom op."""
+    """The eager path: the same forward (gradients included) and in-place backward as the custom
+    op. Returns (loss, [inv, var, cov]) with the terms non-differentiable, so backward receives
+    dL/dloss as it is (no select / select_backward round trip through the 4-vector)."""
 
     @staticmethod
     def forward(ctx, z1, z2, sim, std, cov, eps, backend):
         out, dz1, dz2 = _IMPLS[backend](z1, z2, sim, std, cov, eps, True)
         ctx.save_for_backward(dz1, dz2)
-        return out
+        terms = out[1:]
+        ctx.mark_non_differentiable(terms)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the terms
+        return out[0], terms
 
     @staticmethod
-    def backward(ctx, grad_out):
-        return (*_hand_over_grads(ctx, grad_out), None, None, None, None, None)
+    def backward(ctx, grad_loss, _grad_terms):
+        return (*_hand_over_grads(ctx, grad_loss), None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1015,13 +1019,13 @@ def vicreg_loss(
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
     if torch.compiler.is_compiling():  # one opaque node for torch.compile
         out, _, _ = _vicreg_fwd(z1, z2, sim, std, cov, eps, need_grad, backend)
+        loss, values = out[0], out[1:].detach()
     elif need_grad:  # eager: a plain autograd.Function costs far less host time than the custom op
-        out = _VICRegFunction.apply(z1, z2, sim, std, cov, eps, backend)
+        loss, values = _VICRegFunction.apply(z1, z2, sim, std, cov, eps, backend)
     else:
         out = _IMPLS[backend](z1, z2, sim, std, cov, eps, False)[0]
-    loss = out[0]
+        loss, values = out[0], out[1:]
     if not return_terms:
         return loss
-    values = out[1:].detach()
     terms = {k: values[i] for i, (k, c) in enumerate((("inv", sim), ("var", std), ("cov", cov))) if c != 0.0}
     return loss, terms
