@@ -9,6 +9,8 @@ the input dtype per gradient element (the gradients are returned in the input dt
 interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest, so a whole ulp).
 """
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,3 +363,30 @@ def test_fp32_dot_choice_is_checked(monkeypatch):
         fp32_dot_precision()
     monkeypatch.setenv("MLVICX_FP32_DOT", "fp16x3")
     assert fp32_dot_precision() == "fp16x3"
+
+
+@pytest.mark.triton
+def test_host_work_per_call_of_the_narrow_path():
+    """Eager forward + backward at b <= min(r, 128): two Triton launches, four allocations (workspace,
+    out, two gradients), the loss/terms views, and the two in-place scales of backward; no custom op.
+    (ones_like is backward()'s own seed.) A change that adds host work per call fails here."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from common import count_host_ops
+    finally:
+        sys.path.pop(0)
+    z1, z2 = rand_pair(24, 100, TRITON_DEVICE)
+    z1.requires_grad_()
+    z2.requires_grad_()
+
+    def call():
+        z1.grad = z2.grad = None
+        vicreg_loss(z1, z2, backend="triton").backward()
+
+    call()
+    counted = count_host_ops(call)
+    assert (counted["triton"], counted["custom_op"]) == (2, 0), counted["names"]
+    assert counted["names"]["aten::empty"] == 4, counted["names"]
+    assert set(counted["names"]) == {
+        "aten::empty", "triton::_narrow_stats_gram_kernel", "triton::_narrow_grad_kernel", "aten::slice",
+        "aten::select", "aten::ones_like", "aten::mul_"}, counted["names"]
