@@ -606,14 +606,16 @@ if HAS_TRITON:
 
         return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
-    def _tuner(configs, key, fn):
-        return triton.autotune(configs, key=key, do_bench=_quick_bench)(fn)
+    def _tuner(configs, key, fn, reset=None):
+        return triton.autotune(configs, key=key, do_bench=_quick_bench, reset_to_zero=reset)(fn)
 
     _GRAM_KEY = ["b", "r", "TRANSPOSED"]
     _GRAD_KEY = ["b", "r", "TRANSPOSED", "HAS_COV"]
     # [precision tuned too, precision given]
-    _gram_tuned = {True: _tuner(_with_precisions(_GRAM_CONFIGS), _GRAM_KEY, _gram_kernel),
-                   False: _tuner(_GRAM_CONFIGS, _GRAM_KEY, _gram_kernel)}
+    # part_ptr is zeroed before each timed config and before the real launch: a config with larger
+    # tiles writes fewer per-tile slots, and the finalize sums them all
+    _gram_tuned = {True: _tuner(_with_precisions(_GRAM_CONFIGS), _GRAM_KEY, _gram_kernel, ["part_ptr"]),
+                   False: _tuner(_GRAM_CONFIGS, _GRAM_KEY, _gram_kernel, ["part_ptr"])}
     _grad_tuned = {True: _tuner(_with_precisions(_GRAD_CONFIGS), _GRAD_KEY, _grad_kernel),
                    False: _tuner(_GRAD_CONFIGS, _GRAD_KEY, _grad_kernel)}
 
