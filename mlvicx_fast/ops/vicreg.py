@@ -368,6 +368,22 @@ if HAS_TRITON:
         tl.store(dz_ptr + rm[:, None] * r + rn[None, :], g.to(dz_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _store_loss(out_ptr, inv, var, cov, sim, std_c, cov_c,
+                    HAS_INV: tl.constexpr, HAS_VAR: tl.constexpr, HAS_COV: tl.constexpr):
+        """out = [loss, inv, var, cov]; a term whose coefficient is zero adds nothing to the loss."""
+        loss = 0.0
+        if HAS_INV:
+            loss += sim * inv
+        if HAS_VAR:
+            loss += std_c * var
+        if HAS_COV:
+            loss += cov_c * cov
+        tl.store(out_ptr + 0, loss)
+        tl.store(out_ptr + 1, inv)
+        tl.store(out_ptr + 2, var)
+        tl.store(out_ptr + 3, cov)
+
+    @triton.jit
     def _finalize_kernel(
         stat_ptr, n_stat, gram_part_ptr, n_gram, out_ptr,
         b, r, sim, std_c, cov_c,
@@ -403,17 +419,7 @@ if HAS_TRITON:
         inv = inv_sum / b / r
         var = h_sum / (2 * r)
         cov = (f1 + f2) / r
-        loss = 0.0
-        if HAS_INV:
-            loss += sim * inv
-        if HAS_VAR:
-            loss += std_c * var
-        if HAS_COV:
-            loss += cov_c * cov
-        tl.store(out_ptr + 0, loss)
-        tl.store(out_ptr + 1, inv)
-        tl.store(out_ptr + 2, var)
-        tl.store(out_ptr + 3, cov)
+        _store_loss(out_ptr, inv, var, cov, sim, std_c, cov_c, HAS_INV, HAS_VAR, HAS_COV)
 
     # ----------------------------------------------------------------------------------------
     # Narrow path (b <= NARROW_MAX_B <= r): two launches in all. A program that holds every row
@@ -530,17 +536,7 @@ if HAS_TRITON:
                     f1 = tl.sum(tl.sum(g1 * g1, axis=1), axis=0)
                     f2 = tl.sum(tl.sum(g2 * g2, axis=1), axis=0)
                     cov = (f1 + f2 - diag) / r
-                loss = 0.0
-                if HAS_INV:
-                    loss += sim * inv
-                if HAS_VAR:
-                    loss += std_c * var
-                if HAS_COV:
-                    loss += cov_c * cov
-                tl.store(out_ptr + 0, loss)
-                tl.store(out_ptr + 1, inv)
-                tl.store(out_ptr + 2, var)
-                tl.store(out_ptr + 3, cov)
+                _store_loss(out_ptr, inv, var, cov, sim, std_c, cov_c, HAS_INV, HAS_VAR, HAS_COV)
             return
         if view == 0:
             z_ptr = z1_ptr
