@@ -42,6 +42,13 @@ add its Zc Zc^T to a partial b x b tile; the second launch sums those tiles in e
 are small and sit in L2), writes the gradient of its columns, and one extra program writes the
 loss. Otherwise: column statistics, the tiled Gram matrix (split over K when it has few tiles, then
 a reduction), the gradient tiles and a one-program finalize.
+
+Products of float32 tiles (see ``_triton.fp32_dot_precision``): 'tf32x3' by default; on the tiled
+path a GPU autotuner may pick 'fp16x3' instead, where each operand X is scaled by a power of two
+s (from the bounds |Zc| <= sqrt((b-1) max_j v_j), |G_ij|/(b-1) <= r max_j v_j, |C_lq| <= max_j v_j)
+into float16's range, split as sX = hi + lo in float16, and sX sY = hi_x hi_y + hi_x lo_y +
+lo_x hi_y (+ a dropped lo_x lo_y): 22 significant bits per operand, like 'tf32x3', on float16
+tensor cores at twice the TF32 rate.
 """
 from __future__ import annotations
 
