@@ -610,7 +610,10 @@ if HAS_TRITON:
         return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
     def _tuner(configs, key, fn, reset=None):
-        return triton.autotune(configs, key=key, do_bench=_quick_bench, reset_to_zero=reset)(fn)
+        try:
+            return triton.autotune(configs, key=key, do_bench=_quick_bench, reset_to_zero=reset)(fn)
+        except TypeError:  # older Triton: no do_bench argument, the same short timing by warmup/rep
+            return triton.autotune(configs, key=key, warmup=5, rep=20, reset_to_zero=reset)(fn)
 
     _GRAM_KEY = ["b", "r", "TRANSPOSED"]
     _GRAD_KEY = ["b", "r", "TRANSPOSED", "HAS_COV"]
