@@ -24,6 +24,8 @@ def random_params(n, H, W, gen, blur=None, solar=None):
     ((3, 40, 48), 32, 3, "nhw"),      # upsampling crops, two tiles a side (second one partial)
     ((2, 70, 64), 24, 1, "nhwc"),     # downsampling crops, decoder layout (channel 0 of 3)
     ((2, 36, 36), 36, 3, "nchw"),
+    ((2, 160, 144), 96, 1, "nhw"),    # views larger than the 64-pixel halo: each tile reads a sub-window
+    ((2, 200, 180), 72, 3, "nhw"),    # downsampling up to ~2.8x: several source blocks per tile
 ])
 def test_kernel_matches_torch(shape, size, channels, layout, fresh_seed):
     gen = torch.Generator().manual_seed(fresh_seed)

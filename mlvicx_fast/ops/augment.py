@@ -28,11 +28,13 @@ and so is the blur after it, so one 32 x 32 output tile is
 
     tile = B_y  J( clamp(W_y S W_x^T) )  B_x^T
 
-with S a window of at most SW x SW source pixels (uint8, loaded once), W_y / W_x (64 x SW) the
-bicubic weights of the tile's 64 rows / columns including an 16-pixel halo on each side, J the
-pointwise jitter, and B_y / B_x (32 x 64) the Gaussian taps with the reflection folded in (the
-identity when the view is not blurred). Four small matrix products on tensor cores per tile; no
-intermediate image touches memory. The flip mirrors the stored columns (everything after the
+with S the window of source pixels the tile's halo reads (uint8; about 64 h/size + 5 rows by
+64 w/size + 5 columns for a crop of h x w), W_y / W_x the bicubic weights of the tile's 64 rows /
+columns including a 16-pixel halo on each side, J the pointwise jitter, and B_y / B_x (32 x 64)
+the Gaussian taps with the reflection folded in (the identity when the view is not blurred). The
+resize products run over 32 x 32 blocks of S with the weight blocks built as they are needed, so
+the per-thread state stays small (sm_90: no register spills at 8 warps); then two blur products.
+All on tensor cores; no intermediate image touches memory. The flip mirrors the stored columns (everything after the
 crop is mirror-symmetric).
 
 Inputs: x uint8 (N, H, W), or (N, H, W, C) / (N, C, H, W) whose channel 0 is used, any strides,
@@ -60,6 +62,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BLUR_RADIUS = 11  # kernel 23
 TILE = 32
 HALO = 64  # TILE + 2 * 16 >= TILE + 2 * BLUR_RADIUS
+AUG_KC = 32  # source columns per block of the resize product (64 spills at 8 warps on sm_90)
 # parameter columns (float32)
 P_Y0, P_X0, P_H, P_W, P_FLIP, P_B, P_C, P_CFIRST, P_MEAN, P_SIGMA, P_SOLAR = range(11)
 N_PARAMS = 12
@@ -277,7 +280,7 @@ if HAS_TRITON:
         p_ptr, out_ptr, s_view, s_n, s_c, s_h, s_w,
         N, size,
         m0, m1, m2, is0, is1, is2,
-        C: tl.constexpr, NP: tl.constexpr, SW: tl.constexpr, KB: tl.constexpr,
+        C: tl.constexpr, NP: tl.constexpr, KB: tl.constexpr, KC: tl.constexpr,
         TILE_: tl.constexpr, NH: tl.constexpr, RADIUS: tl.constexpr, PREC: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -310,18 +313,24 @@ if HAS_TRITON:
         wx0 = tl.floor(x0 + (qx + 0.5) * (cw / size) - 0.5).to(tl.int32) - 1
         wy0 = tl.minimum(tl.maximum(wy0, y0), y0 + chi - 1)
         wx0 = tl.minimum(tl.maximum(wx0, x0), x0 + cwi - 1)
-        # R = clamp(W_y S W_x^T): loop over source rows in chunks of KB
-        cols = wx0 + tl.arange(0, SW)
-        cmask = cols < x0 + cwi
-        wxt = tl.trans(_resize_weights(bx, x0, cw, cwi, size, SW, 0, wx0, NH))  # (SW, NH)
+        # R = clamp(W_y S W_x^T) over this sample's source window: blocks of KB source rows x KC
+        # source columns, the weight blocks built as needed (a whole window-wide W_x held in
+        # registers spilled on sm_90: 255 registers and a 1.5 KB stack for a 128-pixel window)
+        need_y = tl.ceil(NH * ch / size).to(tl.int32) + 6
+        need_x = tl.ceil(NH * cw / size).to(tl.int32) + 6
         r = tl.zeros([NH, NH], dtype=tl.float32)
         xbase = x_ptr + n.to(tl.int64) * sxn
-        for k0 in tl.static_range(0, SW, KB):
+        for k0 in range(0, need_y, KB):
             rows = wy0 + k0 + tl.arange(0, KB)
-            m = (rows < y0 + chi)[:, None] & cmask[None, :]
-            s = tl.load(xbase + rows[:, None] * sxh + cols[None, :] * sxw, mask=m, other=0).to(tl.float32)
+            rmask = rows < y0 + chi
+            t = tl.zeros([KB, NH], dtype=tl.float32)
+            for j0 in range(0, need_x, KC):
+                cols = wx0 + j0 + tl.arange(0, KC)
+                m = rmask[:, None] & (cols < x0 + cwi)[None, :]
+                s = tl.load(xbase + rows[:, None] * sxh + cols[None, :] * sxw, mask=m, other=0).to(tl.float32)
+                wx = _resize_weights(bx, x0, cw, cwi, size, KC, j0, wx0, NH)  # (NH, KC)
+                t = tl.dot(s, tl.trans(wx), t, input_precision=PREC)  # (KB, NH)
             wy = _resize_weights(by, y0, ch, chi, size, KB, k0, wy0, NH)  # (NH, KB)
-            t = tl.dot(s, wxt, input_precision=PREC)  # (KB, NH)
             r = tl.dot(wy, t, r, input_precision=PREC)
         r = tl.minimum(tl.maximum(r * (1.0 / 255.0), 0.0), 1.0)
         # jitter (pointwise)
@@ -351,25 +360,17 @@ if HAS_TRITON:
             tl.store(dst + c * s_c, val.to(out_ptr.dtype.element_ty), mask=om)
 
 
-def _source_window(params: torch.Tensor, size: int) -> int:
-    """Smallest power of two >= the source span any 64-pixel halo needs (plus the 4 bicubic taps)."""
-    ext = float(torch.maximum(params[..., P_H], params[..., P_W]).max())
-    need = math.ceil(HALO * ext / size) + 5
-    return max(32, 1 << (need - 1).bit_length())
-
-
 def _augment_triton(x, p, size, channels, mean, std, out_dtype):
     N = x.shape[0]
     views = p.shape[0]
     out = torch.empty(views, N, size, size, channels, dtype=out_dtype, device=x.device).permute(0, 1, 4, 2, 3)
-    sw = _source_window(p, size)
     n_t = triton.cdiv(size, TILE)
     mean = list(mean) + [0.0] * (3 - len(mean))
     istd = [1.0 / s for s in std] + [1.0] * (3 - len(std))
     prec = "ieee" if interpreting() else "tf32"
     _augment_kernel[(n_t * n_t, N, views)](
         x, *x.stride(), p.contiguous(), out, *out.stride(), N, size, *mean[:3], *istd[:3],
-        C=channels, NP=N_PARAMS, SW=sw, KB=32,
+        C=channels, NP=N_PARAMS, KB=32, KC=AUG_KC,
         TILE_=TILE, NH=HALO, RADIUS=BLUR_RADIUS, PREC=prec, num_warps=8,
     )
     return tuple(out[v] for v in range(views))
