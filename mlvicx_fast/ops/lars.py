@@ -63,7 +63,7 @@ if HAS_TRITON:
         wd_eff = tl.where(adapt != 0, wd, 0.0)
         acc_p = tl.zeros([BLOCK], dtype=tl.float32)
         acc_d = tl.zeros([BLOCK], dtype=tl.float32)
-        for off in tl.static_range(0, CHUNK, BLOCK):
+        for off in range(0, CHUNK, BLOCK):
             i = start + off + tl.arange(0, BLOCK)
             m = i < numel
             pv = tl.load(p + i, mask=m, other=0.0)
@@ -105,7 +105,7 @@ if HAS_TRITON:
             lr = tl.load(lr_ptr).to(tl.float32)
         else:
             lr = lr_value
-        for off in tl.static_range(0, CHUNK, BLOCK):
+        for off in range(0, CHUNK, BLOCK):
             i = start + off + tl.arange(0, BLOCK)
             m = i < numel
             pv = tl.load(p + i, mask=m, other=0.0)
