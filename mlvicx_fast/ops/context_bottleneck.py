@@ -645,7 +645,7 @@ def _plan(N: int, C: int, H: int, W: int, hidden: int, channels_last: bool, sms:
     gate_j = max(16, min(_next_pow2(hidden), big if interp else 32))
     rows = 256 if interp else 16
     taps = 2 * SPATIAL_KERNEL * SPATIAL_KERNEL
-    conv_t = min(_next_pow2(taps), max(1, (1 << 16 if interp else 4096) // bp))
+    conv_t = min(_next_pow2(taps), max(1, (1 << 16 if interp else 1024) // bp))
     sp_block = max(16, min(_next_pow2(P), 4096 if interp else 512))
     sp_t = _next_pow2(taps) if interp else 8
     n_sb = _cdiv(P, sp_block)
