@@ -12,8 +12,9 @@ This catches what the CPU interpreter cannot: code the compiler rejects, and reg
 It uses Triton internals (a stand-in driver), checked with Triton 3.9; other versions may need
 changes. Reads nothing; writes benchmarks/out/compile_check.md and prints it.
 
-  python benchmarks/compile_check.py            # sm_90, a few minutes on 2 cores
+  python benchmarks/compile_check.py            # sm_90, about a minute on 2 cores (cached: seconds)
   python benchmarks/compile_check.py --arch 80  # A100
+  python benchmarks/compile_check.py --strict   # status 1 when a kernel spills (tests/test_compile.py)
 """
 from __future__ import annotations
 
@@ -166,6 +167,7 @@ def run_ops():
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when a kernel spills registers")
     args = p.parse_args(argv)
     compiled: List = []
     with gpu_settings(), compile_only(args.arch, compiled):
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "compile_check.md").write_text(text)
     print(text)
-    return 0
+    return 1 if args.strict and spilled else 0
 
 
 if __name__ == "__main__":
