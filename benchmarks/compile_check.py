@@ -131,7 +131,7 @@ def run_ops():
     A = importlib.import_module("mlvicx_fast.ops.augment")
     # loss: narrow path, tiled path (split and unsplit Gram), r x r path; fp32 and bf16
     for dtype in (torch.float32, torch.bfloat16):
-        for b, r in ((64, 2048), (256, 1024), (2048, 8192), (600, 64)):
+        for b, r in ((64, 2048), (2, 5), (128, 4096), (256, 1024), (2048, 8192), (600, 64)):
             z1, z2 = torch.randn(b, r, dtype=dtype), torch.randn(b, r, dtype=dtype)
             V._forward_triton(z1, z2, 25.0, 25.0, 1.0, 1e-4, True)
     # the tuned configs of the tiled path, each precision
@@ -147,8 +147,12 @@ def run_ops():
                                       HAS_INV=True, HAS_VAR=True, HAS_COV=True, TRANSPOSED=transposed,
                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs)
     # context block: the five taps of a 224 input at batch 64, bf16 channels_last, forward + backward
-    for c, hw in ((64, 112), (64, 56), (128, 28), (256, 14), (512, 7)):
-        x = torch.randn(64, c, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    # (and one tap in float32 NCHW, the layout without channels_last)
+    taps = [(64, 112, torch.bfloat16, True), (64, 56, torch.bfloat16, True), (128, 28, torch.bfloat16, True),
+            (256, 14, torch.bfloat16, True), (512, 7, torch.bfloat16, True), (64, 56, torch.float32, False)]
+    for c, hw, dtype, cl in taps:
+        x = torch.randn(64, c, hw, hw, dtype=dtype)
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
         w1, w2, ws = torch.randn(c // 2, c, 1, 1), torch.randn(c, c // 2, 1, 1), torch.randn(1, 2, 7, 7)
         out, state = CB._forward_triton(x, w1, w2, ws)
         CB._backward_triton(torch.randn_like(x), x, w1, w2, ws, state)
@@ -162,6 +166,7 @@ def run_ops():
     x = torch.randint(0, 256, (4, 256, 256), dtype=torch.uint8)
     p = A.crop_means(x, A.sample_params(4, 256, 256, A.VICREG, torch.Generator().manual_seed(0)))
     A._augment_triton(x, p, 224, 3, A.IMAGENET_MEAN, A.IMAGENET_STD, torch.bfloat16)
+    A._augment_triton(x, p[:1], 224, 1, A.IMAGENET_MEAN, A.IMAGENET_STD, torch.float32)  # eval / one view
 
 
 def main(argv=None) -> int:

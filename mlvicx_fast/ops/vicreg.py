@@ -503,7 +503,7 @@ if HAS_TRITON:
     def _narrow_gram(ws_ptr, r, n_split, view, scale, BM: tl.constexpr):
         """The (BM x BM) matrix G / (b - 1) of one view, summed from its partial tiles."""
         rows = tl.arange(0, BM)
-        gpart = ws_ptr + 4 + 4 * r + 8 * n_split + (view * n_split).to(tl.int64) * BM * BM
+        gpart = ws_ptr + 4 + 4 * r + 8 * n_split + view * n_split * BM * BM  # small: no int64 needed
         tile = rows[:, None] * BM + rows[None, :]
         g = tl.zeros([BM, BM], dtype=tl.float32)
         for s in range(0, n_split):
@@ -539,10 +539,10 @@ if HAS_TRITON:
                 var = tl.sum(tl.where(slot == 1, tot, 0.0), axis=0) / (2 * r)
                 diag = tl.sum(tl.where(slot == 2, tot, 0.0), axis=0)
                 cov = 0.0
-                if HAS_COV:
+                if HAS_COV:  # one view's Gram matrix at a time (two 128 x 128 tiles at once spilled)
                     g1 = _narrow_gram(ws_ptr, r, n_split, 0, scale, BM)
-                    g2 = _narrow_gram(ws_ptr, r, n_split, 1, scale, BM)
                     f1 = tl.sum(tl.sum(g1 * g1, axis=1), axis=0)
+                    g2 = _narrow_gram(ws_ptr, r, n_split, 1, scale, BM)
                     f2 = tl.sum(tl.sum(g2 * g2, axis=1), axis=0)
                     cov = (f1 + f2 - diag) / r
                 _store_loss(out_ptr, inv, var, cov, sim, std_c, cov_c, HAS_INV, HAS_VAR, HAS_COV)
@@ -667,7 +667,7 @@ def _narrow_config(b: int, r: int, interp: bool) -> Tuple[int, int, int, int, in
     want = 4 if interp else max(1, min(32, r // 128, r // bm))
     per = triton.cdiv(blocks, max(1, min(want, blocks)))
     chunk = per * bk
-    bn = 128 if interp else 64
+    bn = 128 if interp else (32 if bm > 64 else 64)  # sm_90: a 128-row G with 64 columns spilled
     warps = 4 if bm <= 64 else 8
     return bm, bk, chunk, triton.cdiv(r, chunk), bn, triton.cdiv(r, bn), warps
 
