@@ -91,7 +91,7 @@ def compile_only(arch: int, compiled: List):
 
 
 @contextlib.contextmanager
-def gpu_settings(sms: int = 132):
+def gpu_settings(sms_count: int = 132):
     """The ops' host code picks GPU tiles: not interpreting, Triton allowed on CPU tensors, an
     H100/H200-sized multiprocessor count."""
     from mlvicx_fast.ops import _triton
@@ -100,10 +100,14 @@ def gpu_settings(sms: int = 132):
     saved = []
     for mod in [_triton, *mods]:
         for name, value in (("interpreting", lambda: False), ("triton_can_run", lambda *t: True),
-                            ("require_triton", lambda *a, **k: None), ("_sm_count", lambda *a: sms)):
+                            ("require_triton", lambda *a, **k: None), ("_sm_count", lambda *a: sms_count)):
             if hasattr(mod, name):
                 saved.append((mod, name, getattr(mod, name)))
                 setattr(mod, name, value)
+    cb = importlib.import_module("mlvicx_fast.ops.context_bottleneck")
+    plan_for = cb._plan_for  # CPU tensors would plan no pixel splits; a GPU run splits them
+    saved.append((cb, "_plan_for", plan_for))
+    cb._plan_for = lambda x, hidden, sms=None, interp=None: plan_for(x, hidden, sms=sms or sms_count, interp=interp)
     try:
         yield
     finally:
