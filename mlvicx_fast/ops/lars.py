@@ -35,7 +35,7 @@ import torch
 from ._triton import HAS_TRITON, interpreting, tl, triton, triton_can_run
 
 CHUNK_GPU = 16384
-BLOCK_GPU = 2048
+BLOCK_GPU = 1024
 CHUNK_INTERP = 1024  # the interpreter pays per loop step: whole chunks in one block
 COLS = 4  # per-parameter table columns: p pointer, g pointer, mu pointer, numel
 Number = Union[float, torch.Tensor]
