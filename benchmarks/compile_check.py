@@ -115,6 +115,37 @@ def gpu_settings(sms_count: int = 132):
             setattr(mod, name, value)
 
 
+@contextlib.contextmanager
+def autotune_dry_run(compiled: List):
+    """Inside (and inside compile_only): the loss's autotuned launches go through Triton's autotuner
+    as on a GPU, with every timed run and the final launch compile-only and each config timed as
+    1 ms; each launch's grid function is evaluated with the config's meta-parameters. Checks the
+    host-side wiring (argument names, reset_to_zero, grids, no meta-parameter given twice)."""
+    import triton.testing
+
+    run, bench = JITFunction.run, triton.testing.do_bench
+
+    def compile_run(self, *args, grid, warmup, **kwargs):
+        if callable(grid):
+            grid(dict(zip(self.arg_names, args), **kwargs))
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        consts = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
+        compiled.append((self.fn.__name__ + " (autotune on)", kernel, consts))
+        return kernel
+
+    def fake_bench(fn, *a, quantiles=None, **k):
+        fn()
+        return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+    JITFunction.run, triton.testing.do_bench = compile_run, fake_bench
+    os.environ["MLVICX_AUTOTUNE"] = "1"
+    try:
+        yield
+    finally:
+        JITFunction.run, triton.testing.do_bench = run, bench
+        os.environ["MLVICX_AUTOTUNE"] = "0"
+
+
 def resources(kernel) -> Dict[str, int]:
     """Registers, stack (spills) and shared memory of a compiled kernel, from its cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -181,6 +212,14 @@ def main(argv=None) -> int:
     compiled: List = []
     with gpu_settings(), compile_only(args.arch, compiled):
         run_ops()
+        with autotune_dry_run(compiled):  # the tiled loss path through Triton's autotuner
+            V = importlib.import_module("mlvicx_fast.ops.vicreg")
+            for b, r in ((2048, 8192), (600, 64)):
+                for env in (None, "fp16x3"):
+                    if env:
+                        os.environ["MLVICX_FP32_DOT"] = env
+                    V._forward_triton(torch.randn(b, r), torch.randn(b, r), 25.0, 25.0, 1.0, 1e-4, True)
+                    os.environ.pop("MLVICX_FP32_DOT", None)
     rows, seen = [], set()
     for name, kernel, consts in compiled:
         key = (name, tuple(sorted((k, str(v)) for k, v in consts.items())))
