@@ -293,6 +293,19 @@ if HAS_TRITON:
         _gram_epilogue(acc, rm, rn, M, out_ptr + view * M * M, part, pid_m, pid_n, scale, TRANSPOSED)
 
     @triton.jit
+    def _view_ptrs(view, z1_ptr, z2_ptr, dz1_ptr, dz2_ptr):
+        """(this view, the other view, this view's gradient) for view 0 or 1."""
+        if view == 0:
+            z_ptr = z1_ptr
+            o_ptr = z2_ptr
+            dz_ptr = dz1_ptr
+        else:
+            z_ptr = z2_ptr
+            o_ptr = z1_ptr
+            dz_ptr = dz2_ptr
+        return z_ptr, o_ptr, dz_ptr
+
+    @triton.jit
     def _grad_kernel(
         z1_ptr, z2_ptr, sb, sr,
         dz1_ptr, dz2_ptr, mean_ptr, var_ptr, gram_ptr, stat_ptr, n_stat,
@@ -307,14 +320,7 @@ if HAS_TRITON:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         view = tl.program_id(2)
-        if view == 0:
-            z_ptr = z1_ptr
-            o_ptr = z2_ptr
-            dz_ptr = dz1_ptr
-        else:
-            z_ptr = z2_ptr
-            o_ptr = z1_ptr
-            dz_ptr = dz2_ptr
+        z_ptr, o_ptr, dz_ptr = _view_ptrs(view, z1_ptr, z2_ptr, dz1_ptr, dz2_ptr)
         mean = mean_ptr + view * r
         rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
         rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
@@ -547,14 +553,7 @@ if HAS_TRITON:
                     cov = (f1 + f2 - diag) / r
                 _store_loss(out_ptr, inv, var, cov, sim, std_c, cov_c, HAS_INV, HAS_VAR, HAS_COV)
             return
-        if view == 0:
-            z_ptr = z1_ptr
-            o_ptr = z2_ptr
-            dz_ptr = dz1_ptr
-        else:
-            z_ptr = z2_ptr
-            o_ptr = z1_ptr
-            dz_ptr = dz2_ptr
+        z_ptr, o_ptr, dz_ptr = _view_ptrs(view, z1_ptr, z2_ptr, dz1_ptr, dz2_ptr)
         rows = tl.arange(0, BM)
         cols = pid * BN + tl.arange(0, BN)
         cmask = cols < r
