@@ -392,3 +392,15 @@ def test_host_work_per_call_of_the_narrow_path():
     assert set(counted["names"]) == {
         "aten::empty", "triton::_narrow_stats_gram_kernel", "triton::_narrow_grad_kernel", "aten::slice",
         "aten::select", "aten::ones_like", "aten::mul_"}, counted["names"]
+
+
+def test_narrow_path_limit_by_device(monkeypatch):
+    """b up to 128 takes the narrow path on Hopper; before sm_90 only up to 64 (a 128-row tile spills
+    on sm_86 and needs 160 KB of shared memory, more than RTX 30xx/40xx have)."""
+    import mlvicx_fast.ops.vicreg as vicreg
+
+    cuda = torch.device("cuda", 0)
+    for cap, want in (((9, 0), 128), ((10, 0), 128), ((8, 0), 64), ((8, 6), 64)):
+        monkeypatch.setattr(vicreg, "_cuda_capability", lambda index, cap=cap: cap)
+        assert vicreg._narrow_limit(cuda) == want
+    assert vicreg._narrow_limit(torch.device("cpu")) == vicreg.NARROW_MAX_B  # the interpreter

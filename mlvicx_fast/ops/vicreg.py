@@ -36,7 +36,7 @@ Backends:
   ``auto``      triton on CUDA tensors when Triton is installed, torch otherwise
 The forward pass computes the gradients too (the loss is a scalar), so backward is one scale.
 
-Triton launches: when b <= min(r, NARROW_MAX_B) (the usual SSL case, e.g. 64 x 2048) two
+Triton launches: when b <= min(r, 128) (64 before Hopper; the usual SSL case, e.g. 64 x 2048) two
 launches do everything. Programs that each hold every row of a column chunk centre it exactly and
 add its Zc Zc^T to a partial b x b tile; the second launch sums those tiles in every program (they
 are small and sit in L2), writes the gradient of its columns, and one extra program writes the
@@ -650,6 +650,19 @@ def _gram_split(tiles: int, k_dim: int, bk: int):
 
 
 NARROW_MAX_B = 128  # b up to this (and b <= r) takes the two-launch path; its Gram matrix stays on chip
+NARROW_MAX_B_PRE_HOPPER = 64  # before sm_90 a 128-row tile spills (sm_86) or needs 160 KB of shared memory
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _narrow_limit(device: torch.device) -> int:
+    """The largest b of the narrow path on this device (see benchmarks/compile_check.py)."""
+    if device.type == "cuda" and _cuda_capability(device.index or 0) < (9, 0):
+        return min(NARROW_MAX_B, NARROW_MAX_B_PRE_HOPPER)
+    return NARROW_MAX_B
 
 
 @functools.lru_cache(maxsize=256)
@@ -706,7 +719,7 @@ def _forward_narrow(z1, z2, sim, std, cov, eps, need_grad):
 
 def _forward_triton(z1, z2, sim, std, cov, eps, need_grad):
     b, r = z1.shape
-    if b <= min(r, NARROW_MAX_B):
+    if b <= min(r, _narrow_limit(z1.device)):
         return _forward_narrow(z1, z2, sim, std, cov, eps, need_grad)
     dev = z1.device
     has_inv, has_var, has_cov = sim != 0.0, std != 0.0, cov != 0.0
