@@ -65,6 +65,11 @@ class _StandInDriver:
         return True
 
 
+def _meta(kwargs: dict) -> dict:
+    """The launch's meta-parameters (constexprs are upper case here) and num_warps / num_stages."""
+    return {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
+
+
 @contextlib.contextmanager
 def compile_only(arch: int, compiled: List):
     """Inside: kernel[grid](...) compiles for `arch` and records (name, kernel, constexprs), launching nothing."""
@@ -73,8 +78,7 @@ def compile_only(arch: int, compiled: List):
     def getitem(self, grid):
         def run(*args, **kwargs):
             kernel = self.warmup(*args, grid=grid, **kwargs)
-            consts = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
-            compiled.append((self.fn.__name__, kernel, consts))
+            compiled.append((self.fn.__name__, kernel, _meta(kwargs)))
         return run
 
     previous = driver._active  # None until Triton first looks for a real driver (none on a CPU machine)
@@ -129,8 +133,7 @@ def autotune_dry_run(compiled: List):
         if callable(grid):
             grid(dict(zip(self.arg_names, args), **kwargs))
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        consts = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
-        compiled.append((self.fn.__name__ + " (autotune on)", kernel, consts))
+        compiled.append((self.fn.__name__ + " (autotune on)", kernel, _meta(kwargs)))
         return kernel
 
     def fake_bench(fn, *a, quantiles=None, **k):
