@@ -215,9 +215,7 @@ if HAS_TRITON:
         view = tl.program_id(2) // n_split
         split = tl.program_id(2) % n_split
         part = part_ptr + view * part_stride + pid_m * tl.num_programs(1) + pid_n
-        if pid_n < pid_m:
-            if not SPLIT:
-                tl.store(part, 0.0)
+        if pid_n < pid_m:  # mirrored from the upper tile; its part slot stays zero
             return
         if view == 0:
             z_ptr = z1_ptr
@@ -280,8 +278,7 @@ if HAS_TRITON:
         pid_n = tl.program_id(1)
         view = tl.program_id(2)
         part = part_ptr + view * part_stride + pid_m * tl.num_programs(1) + pid_n
-        if pid_n < pid_m:
-            tl.store(part, 0.0)
+        if pid_n < pid_m:  # mirrored from the upper tile; its part slot stays zero
             return
         rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
         rn = (pid_n * BM + tl.arange(0, BM)).to(tl.int64)
@@ -441,7 +438,7 @@ if HAS_TRITON:
     # of a column block can centre it exactly, so the statistics and the Gram matrix are formed
     # in one pass over Z; the second launch reduces the partial Gram matrices, forms the
     # gradients and (one extra program) the loss. Workspace layout, float32:
-    #   [0, 4) unused | mean (2, r) | var (2, r) | stat partials
+    #   mean (2, r) | var (2, r) | stat partials
     #   (2, n_split, 4) = [sum (z1 - z2)^2, sum relu(1 - std), sum v^2, 0] | Gram partials
     #   (2, n_split, BM, BM), the rows beyond b zero.
     # ----------------------------------------------------------------------------------------
@@ -462,10 +459,10 @@ if HAS_TRITON:
             z_ptr = z1_ptr
         else:
             z_ptr = z2_ptr
-        mean_ptr = ws_ptr + 4 + view * r
-        var_ptr = ws_ptr + 4 + 2 * r + view * r
-        spart = ws_ptr + 4 + 4 * r + (view * n_split + split) * 4
-        gpart = ws_ptr + 4 + 4 * r + 8 * n_split + (view * n_split + split).to(tl.int64) * BM * BM
+        mean_ptr = ws_ptr + view * r
+        var_ptr = ws_ptr + 2 * r + view * r
+        spart = ws_ptr + 4 * r + (view * n_split + split) * 4
+        gpart = ws_ptr + 4 * r + 8 * n_split + (view * n_split + split).to(tl.int64) * BM * BM
         rows = tl.arange(0, BM)
         rmask = rows < b
         row_off = rows.to(tl.int64)[:, None] * sb
@@ -509,7 +506,7 @@ if HAS_TRITON:
     def _narrow_gram(ws_ptr, r, n_split, view, scale, BM: tl.constexpr):
         """The (BM x BM) matrix G / (b - 1) of one view, summed from its partial tiles."""
         rows = tl.arange(0, BM)
-        gpart = ws_ptr + 4 + 4 * r + 8 * n_split + view * n_split * BM * BM  # small: no int64 needed
+        gpart = ws_ptr + 4 * r + 8 * n_split + view * n_split * BM * BM  # small: no int64 needed
         tile = rows[:, None] * BM + rows[None, :]
         g = tl.zeros([BM, BM], dtype=tl.float32)
         for s in range(0, n_split):
@@ -534,7 +531,7 @@ if HAS_TRITON:
                 slot = tl.arange(0, 4)
                 s_idx = tl.arange(0, BS)
                 stats = tl.zeros([BS, 4], dtype=tl.float32)
-                spart = ws_ptr + 4 + 4 * r
+                spart = ws_ptr + 4 * r
                 for s0 in range(0, 2 * n_split, BS):
                     idx = s0 + s_idx
                     vals = tl.load(spart + idx[:, None] * 4 + slot[None, :], mask=(idx < 2 * n_split)[:, None],
@@ -565,8 +562,8 @@ if HAS_TRITON:
             y = tl.load(o_ptr + offs, mask=m, other=0.0).to(tl.float32)
             grad += (2.0 * sim / (b * r)) * (x - y)
         if HAS_VAR or HAS_COV:
-            mu = tl.load(ws_ptr + 4 + view * r + cols, mask=cmask, other=0.0)
-            v = tl.load(ws_ptr + 4 + 2 * r + view * r + cols, mask=cmask, other=0.0)
+            mu = tl.load(ws_ptr + view * r + cols, mask=cmask, other=0.0)
+            v = tl.load(ws_ptr + 2 * r + view * r + cols, mask=cmask, other=0.0)
             xc = tl.where(m, x - mu[None, :], 0.0)
             if HAS_VAR:
                 sd = tl.sqrt(v + eps)
@@ -695,7 +692,7 @@ def _forward_narrow(z1, z2, sim, std, cov, eps, need_grad):
     if z1.stride() != z2.stride():  # the kernels address both views with one pair of strides
         z1, z2 = z1.contiguous(), z2.contiguous()
     sb, sr = z1.stride()
-    ws = torch.empty(4 + 4 * r + 8 * n_split + (2 * n_split * bm * bm if has_cov else 0),
+    ws = torch.empty(4 * r + 8 * n_split + (2 * n_split * bm * bm if has_cov else 0),
                      device=z1.device, dtype=torch.float32)
     _narrow_stats_gram_kernel[(n_split, 2)](
         z1, z2, sb, sr, ws, b, r, eps, chunk,
