@@ -37,22 +37,23 @@ from ._triton import HAS_TRITON, interpreting, tl, triton, triton_can_run
 CHUNK_GPU = 16384
 BLOCK_GPU = 1024
 CHUNK_INTERP = 1024  # the interpreter pays per loop step: whole chunks in one block
-COLS = 4  # per-parameter table columns: p pointer, g pointer, mu pointer, numel
 Number = Union[float, torch.Tensor]
 
 if HAS_TRITON:
 
     @triton.jit
     def _chunk(table_ptr, chunks_ptr, c):
-        """(p, g, mu pointers, start, end) of chunk c; and whether its parameter is adapted."""
-        t = tl.load(chunks_ptr + c * 3)
-        start = tl.load(chunks_ptr + c * 3 + 1)
-        adapt = tl.load(chunks_ptr + c * 3 + 2)
-        row = table_ptr + t * 4
+        """Chunk c: its parameter's index t, the p, g, mu pointers, the chunk's first element, the
+        parameter's element count and whether it is adapted (ndim != 1). table rows are
+        [p, g, mu, numel, adapt] per parameter; chunks rows [t, start]."""
+        t = tl.load(chunks_ptr + c * 2)
+        start = tl.load(chunks_ptr + c * 2 + 1)
+        row = table_ptr + t * 5
         p = tl.load(row + 0).to(tl.pointer_type(tl.float32))
         g = tl.load(row + 1).to(tl.pointer_type(tl.float32))
         mu = tl.load(row + 2).to(tl.pointer_type(tl.float32))
         numel = tl.load(row + 3)
+        adapt = tl.load(row + 4)
         return t, p, g, mu, start, numel, adapt
 
     @triton.jit
@@ -74,7 +75,7 @@ if HAS_TRITON:
         tl.store(part_ptr + c * 2 + 1, tl.sum(acc_d, axis=0))
 
     @triton.jit
-    def _lars_ratio_kernel(first_ptr, part_ptr, adapt_ptr, q_ptr, eta, BLOCK: tl.constexpr):
+    def _lars_ratio_kernel(first_ptr, part_ptr, table_ptr, q_ptr, eta, BLOCK: tl.constexpr):
         """q[t] for parameter t from the partial sums of its chunks first[t] .. first[t+1]-1."""
         t = tl.program_id(0)
         lo = tl.load(first_ptr + t)
@@ -88,7 +89,7 @@ if HAS_TRITON:
             acc_d += tl.load(part_ptr + c * 2 + 1, mask=m, other=0.0)
         p_norm = tl.sqrt(tl.sum(acc_p, axis=0))
         d_norm = tl.sqrt(tl.sum(acc_d, axis=0))
-        adapt = tl.load(adapt_ptr + t)
+        adapt = tl.load(table_ptr + t * 5 + 4)
         ok = (adapt != 0) & (p_norm > 0.0) & (d_norm > 0.0)
         q = tl.where(ok, eta * p_norm / tl.where(ok, d_norm, 1.0), 1.0)
         tl.store(q_ptr + t, q)
@@ -152,19 +153,16 @@ class _Tables:
         dev = params[0].device
         self.chunk = CHUNK_INTERP if interpreting() else CHUNK_GPU
         self.block = self.chunk if interpreting() else BLOCK_GPU
-        rows, chunks, first, adapt = [], [], [0], []
-        for t, (entry, p) in enumerate(zip(key, params)):
-            rows.append(list(entry))
-            a = int(p.dim() != 1)
-            adapt.append(a)
-            n_chunks = max(1, -(-p.numel() // self.chunk))
-            chunks += [(t, i * self.chunk, a) for i in range(n_chunks)]
+        rows, chunks, first = [], [], [0]
+        for t, ((p_ptr, g_ptr, mu_ptr, numel), p) in enumerate(zip(key, params)):
+            rows.append([p_ptr, g_ptr, mu_ptr, numel, int(p.dim() != 1)])
+            n_chunks = max(1, -(-numel // self.chunk))
+            chunks += [(t, i * self.chunk) for i in range(n_chunks)]
             first.append(first[-1] + n_chunks)
         as_dev = dict(device=dev, dtype=torch.int64)
         self.table = torch.tensor(rows, **as_dev)
         self.chunks = torch.tensor(chunks, **as_dev)
         self.first = torch.tensor(first, **as_dev)
-        self.adapt = torch.tensor(adapt, **as_dev)
         self.part = torch.empty(len(chunks), 2, device=dev, dtype=torch.float32)
         self.q = torch.empty(len(params), device=dev, dtype=torch.float32)
         self.key = key
@@ -182,7 +180,7 @@ def fused_lars_step(params: List[torch.Tensor], grads: List[torch.Tensor], bufs:
     _lars_norms_kernel[(n_chunks,)](
         tables.table, tables.chunks, tables.part, float(weight_decay), CHUNK=tables.chunk, BLOCK=tables.block,
     )
-    _lars_ratio_kernel[(len(params),)](tables.first, tables.part, tables.adapt, tables.q, float(eta), BLOCK=256)
+    _lars_ratio_kernel[(len(params),)](tables.first, tables.part, tables.table, tables.q, float(eta), BLOCK=256)
     in_memory = isinstance(lr, torch.Tensor)
     _lars_update_kernel[(n_chunks,)](
         tables.table, tables.chunks, tables.q, lr if in_memory else tables.q, 0.0 if in_memory else float(lr),
