@@ -109,17 +109,14 @@ class LARS(Optimizer):
             self._scratch[index] = bufs
         return bufs
 
-
     def _step_fused(self, index: int, group: dict, params: List[torch.Tensor]) -> bool:
         """Update the group with the fused kernels when allowed and possible; False otherwise."""
-        if self.fused is False:
+        if self.fused is False or (self.fused is None and not all(p.is_cuda for p in params)):
             return False
         from .ops.lars import fused_lars_step, fused_lars_supported
 
         grads = [p.grad for p in params]
         bufs = [self.state[p]["mu"] for p in params]
-        if self.fused is None and not all(p.is_cuda for p in params):
-            return False
         if not fused_lars_supported(params, grads, bufs):
             if self.fused:
                 kinds = sorted({f"{p.device}/{p.dtype}/{'dense' if p.is_contiguous() else 'strided'}" for p in params})
