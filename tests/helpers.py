@@ -1,4 +1,7 @@
 """Small helpers the tests share."""
+import sys
+from pathlib import Path
+
 import torch
 
 # devices the tests run on: the CPU always, CUDA where there is one
@@ -20,3 +23,13 @@ def noncontiguous(x: torch.Tensor) -> torch.Tensor:
     view = wide[:, ::2]
     assert not view.is_contiguous() and torch.equal(view, x)
     return view
+
+
+def count_host_ops(fn):
+    """benchmarks/common.count_host_ops: Triton launches and torch ops that fn() asks of the host."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from common import count_host_ops as count
+    finally:
+        sys.path.pop(0)
+    return count(fn)

@@ -1,7 +1,5 @@
 """Fused context-bottleneck op against the official block in float64."""
 import importlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from mlvicx_fast.ops.context_bottleneck import context_bottleneck, context_bottl
 
 cb = importlib.import_module("mlvicx_fast.ops.context_bottleneck")  # the module (ops re-exports the function)
 
-from .helpers import TRITON_DEVICE, rel_err
+from .helpers import TRITON_DEVICE, count_host_ops, rel_err
 
 SHAPES = [(2, 8, 7, 7), (3, 16, 13, 11), (1, 64, 1, 1), (2, 32, 28, 28), (1, 1, 5, 3), (2, 3, 1, 9)]
 # relative-norm tolerance of (output and dx, weight gradients) per input dtype: bf16 output
@@ -336,11 +334,6 @@ def test_host_work_per_call(channels_last):
     """What one eager call asks of the host, counted as bench_context.py counts it: forward 4
     Triton launches and 2 allocations, backward 5 launches and 5 allocations, no other torch op
     (this shape has one pixel block, so no split partial sums and their buffer on any device)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        from common import count_host_ops
-    finally:
-        sys.path.pop(0)
     block = ContextBottleneck(16, backend="triton").to(TRITON_DEVICE)
     x, *_ = make_inputs((2, 16, 9, 9), torch.float32, channels_last)
     x.requires_grad_()

@@ -9,8 +9,6 @@ the input dtype per gradient element (the gradients are returned in the input dt
 interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest, so a whole ulp).
 """
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from mlvicx_fast.ops.vicreg import (
     vicreg_loss,
     vicreg_loss_reference,
 )
-from tests.helpers import TRITON_DEVICE, noncontiguous
+from tests.helpers import TRITON_DEVICE, count_host_ops, noncontiguous
 
 # b <= min(r, 128) takes the two-launch narrow path on Triton, (129, 131) the tiled Gram path,
 # b > r the r x r path; (128, 200) is the largest narrow Gram tile
@@ -372,11 +370,6 @@ def test_host_work_per_call_of_the_narrow_path():
     """Eager forward + backward at b <= min(r, 128): two Triton launches, four allocations (workspace,
     out, two gradients), the loss/terms views, and the two in-place scales of backward; no custom op.
     (ones_like is backward()'s own seed.) A change that adds host work per call fails here."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        from common import count_host_ops
-    finally:
-        sys.path.pop(0)
     z1, z2 = rand_pair(24, 100, TRITON_DEVICE)
     z1.requires_grad_()
     z2.requires_grad_()
