@@ -30,15 +30,31 @@ def make_inputs(shape, dtype, channels_last, device=TRITON_DEVICE):
 
 
 def run_both(x, w1, w2, ws):
-    """Fused op (Triton) and float64 reference: outputs and the four gradients of each."""
+    """Fused op (Triton) and float64 reference: outputs and the four gradients of each, and the
+    weight gradients of the reference evaluated in float32 (the yardstick of weight_grad_misses)."""
     fused = [t.detach().clone().requires_grad_() for t in (x, w1, w2, ws)]
     ref = [t.detach().double().requires_grad_() for t in (x, w1, w2, ws)]
+    ref32 = [t.detach().float().requires_grad_() for t in (x, w1, w2, ws)]
     out = context_bottleneck(*fused, backend="triton")
     grad = torch.randn_like(out)
     out.backward(grad)
     out_ref = context_bottleneck_reference(*ref)
     out_ref.backward(grad.double())
-    return out, out_ref, [t.grad for t in fused], [t.grad for t in ref]
+    context_bottleneck_reference(*ref32).backward(grad.float())
+    return out, out_ref, [t.grad for t in fused], [t.grad for t in ref], [t.grad for t in ref32[1:]]
+
+
+def weight_grad_misses(grads, grads_ref, grads_f32, tol_w):
+    """Names of the weight gradients off the float64 reference by more than tol_w, or by more than
+    10x the error of the reference itself evaluated in float32 where that is larger: the spatial
+    weight's gradient sums ds = sum_c g a x, which can cancel (a 1 x 1 image has one such sum), and
+    then float32 torch misses 1e-5 too (seen: 5.9e-5 torch, 2.0e-4 fused)."""
+    bad = []
+    for name, g, g_ref, g32 in zip(("mlp.0", "mlp.2", "spatial"), grads[1:], grads_ref[1:], grads_f32):
+        assert g.dtype == torch.float32
+        if rel_err(g, g_ref) >= max(tol_w, 10 * rel_err(g32, g_ref)):
+            bad.append(f"{name}: {rel_err(g, g_ref):.2e} (float32 torch {rel_err(g32, g_ref):.2e})")
+    return bad
 
 
 @pytest.mark.triton
@@ -47,16 +63,14 @@ def run_both(x, w1, w2, ws):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_fused_matches_reference(shape, dtype, channels_last):
     x, w1, w2, ws = make_inputs(shape, dtype, channels_last)
-    out, out_ref, grads, grads_ref = run_both(x, w1, w2, ws)
+    out, out_ref, grads, grads_ref, grads_f32 = run_both(x, w1, w2, ws)
     tol_x, tol_w = TOL[dtype]
     assert out.dtype == dtype and out.shape == x.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
     assert rel_err(out, out_ref) < tol_x
     assert rel_err(grads[0], grads_ref[0]) < tol_x, "dx"
-    for name, g, g_ref in zip(("mlp.0", "mlp.2", "spatial"), grads[1:], grads_ref[1:]):
-        assert g.dtype == torch.float32
-        assert rel_err(g, g_ref) < tol_w, name
+    assert not weight_grad_misses(grads, grads_ref, grads_f32, tol_w)
 
 
 @pytest.mark.triton
@@ -70,7 +84,7 @@ def test_max_ties_route_to_first_index(channels_last):
     w2 = torch.zeros_like(w2)
     k = 0.5 * x
     assert (k == k.amax(1, keepdim=True)).sum(1).gt(1).any(), "the test needs channel ties"
-    out, out_ref, grads, grads_ref = run_both(x, w1, w2, ws)
+    out, out_ref, grads, grads_ref, grads_f32 = run_both(x, w1, w2, ws)
     assert rel_err(out, out_ref) < 1e-6
     for name, g, g_ref in zip(("x", "mlp.0", "mlp.2", "spatial"), grads, grads_ref):
         assert torch.allclose(g.double(), g_ref, rtol=1e-4, atol=1e-5), name
@@ -150,14 +164,14 @@ def test_bf16_input_with_float32_weights_both_backends():
 def test_fp16_and_strided_input():
     """float16, and an input that is neither NCHW- nor channels_last-contiguous (copied to NCHW)."""
     x, w1, w2, ws = make_inputs((2, 12, 9, 14), torch.float16, False)
-    out, out_ref, grads, grads_ref = run_both(x, w1, w2, ws)
+    out, out_ref, grads, grads_ref, grads_f32 = run_both(x, w1, w2, ws)
     tol_x, tol_w = TOL[torch.float16]
     assert out.dtype == torch.float16 and rel_err(out, out_ref) < tol_x
     assert rel_err(grads[0], grads_ref[0]) < tol_x
-    assert all(rel_err(g, r) < tol_w for g, r in zip(grads[1:], grads_ref[1:]))
+    assert not weight_grad_misses(grads, grads_ref, grads_f32, tol_w)
     strided = make_inputs((2, 12, 9, 28), torch.float32, False)[0][..., ::2]
     assert not strided.is_contiguous() and not strided.is_contiguous(memory_format=torch.channels_last)
-    out, out_ref, grads, grads_ref = run_both(strided, w1, w2, ws)
+    out, out_ref, grads, grads_ref, grads_f32 = run_both(strided, w1, w2, ws)
     assert rel_err(out, out_ref) < 2e-5 and rel_err(grads[0], grads_ref[0]) < 2e-5
 
 
@@ -181,7 +195,7 @@ GPU_PLAN_SHAPES = [(2, 8, 7, 7), (3, 40, 13, 11), (2, 64, 36, 36), (2, 130, 9, 9
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_gpu_plan_matches_reference(gpu_plan, shape, channels_last):
     x, w1, w2, ws = make_inputs(shape, torch.float32, channels_last)
-    out, out_ref, grads, grads_ref = run_both(x, w1, w2, ws)
+    out, out_ref, grads, grads_ref, grads_f32 = run_both(x, w1, w2, ws)
     assert rel_err(out, out_ref) < 2e-5
     for name, g, g_ref in zip(("x", "mlp.0", "mlp.2", "spatial"), grads, grads_ref):
         assert rel_err(g, g_ref) < 2e-5, name
@@ -203,15 +217,15 @@ def test_gpu_plan_splits_pixels():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_gpu_plan_bf16_and_ties(gpu_plan, channels_last):
     x, w1, w2, ws = make_inputs((2, 48, 15, 17), torch.bfloat16, channels_last)
-    out, out_ref, grads, grads_ref = run_both(x, w1, w2, ws)
+    out, out_ref, grads, grads_ref, grads_f32 = run_both(x, w1, w2, ws)
     tol_x, tol_w = TOL[torch.bfloat16]
     assert out.dtype == torch.bfloat16 and rel_err(out, out_ref) < tol_x
     assert rel_err(grads[0], grads_ref[0]) < tol_x
-    assert all(rel_err(g, r) < tol_w for g, r in zip(grads[1:], grads_ref[1:]))
+    assert not weight_grad_misses(grads, grads_ref, grads_f32, tol_w)
     # integer x, a = 1/2 exactly: ties in both maxima; the first index takes the gradient
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randint(-2, 3, (2, 48, 15, 17), device=TRITON_DEVICE).float().contiguous(memory_format=fmt)
-    out, out_ref, grads, grads_ref = run_both(x, w1, torch.zeros_like(w2), ws)
+    out, out_ref, grads, grads_ref, grads_f32 = run_both(x, w1, torch.zeros_like(w2), ws)
     assert rel_err(out, out_ref) < 1e-6
     for name, g, g_ref in zip(("x", "mlp.0", "mlp.2", "spatial"), grads, grads_ref):
         assert torch.allclose(g.double(), g_ref, rtol=1e-4, atol=1e-5), name
