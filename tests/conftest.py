@@ -5,6 +5,10 @@
   On a GPU machine (benchmarks/gpu_check.sh) it is left unset and the kernels are compiled.
 * Every test gets fresh random inputs: the global torch/numpy/random seeds are drawn anew for
   each test and printed, so a failure can be replayed with MLVICX_TEST_SEED=<seed>.
+* The interpreter runs a launch's programs one after another in grid order; a GPU runs them
+  concurrently in no order. So that a kernel whose program reads what another program of the
+  same launch writes fails here too, every launch runs its programs in a fresh random order
+  (drawn from the test's seed). MLVICX_INTERPRET_ORDER=forward|reverse|shuffle (default shuffle).
 """
 import os
 import random
@@ -21,6 +25,46 @@ else:
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+INTERPRET_ORDER = os.environ.get("MLVICX_INTERPRET_ORDER", "shuffle")
+if INTERPRET_ORDER not in ("forward", "reverse", "shuffle"):
+    raise ValueError(f"MLVICX_INTERPRET_ORDER={INTERPRET_ORDER!r}: expected forward, reverse or shuffle")
+
+
+def _permute_interpreter_programs():
+    """Make Triton's interpreter visit each launch's grid in a permuted order.
+
+    Its executor loops x, y, z over the grid and calls set_grid_idx before each program; mapping
+    that index through a bijection of the grid (drawn when set_grid_dim starts a launch) permutes
+    the programs without touching the loop. Programs still run one at a time, so this exposes
+    order dependence between programs, not races inside one."""
+    from triton.runtime import interpreter
+
+    builder = type(interpreter.interpreter_builder)
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+
+    def set_grid_dim(self, nx, ny, nz):
+        set_dim(self, nx, ny, nz)
+        n = nx * ny * nz
+        if INTERPRET_ORDER == "reverse":
+            self._mlvicx_order = list(range(n - 1, -1, -1))
+        else:
+            self._mlvicx_order = random.sample(range(n), n)
+
+    def set_grid_idx(self, x, y, z):
+        nx, ny, nz = self.grid_dim
+        k = self._mlvicx_order[(x * ny + y) * nz + z]
+        set_idx(self, k // (ny * nz), (k // nz) % ny, k % nz)
+
+    builder.set_grid_dim, builder.set_grid_idx = set_grid_dim, set_grid_idx
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and INTERPRET_ORDER != "forward":
+    try:
+        _permute_interpreter_programs()
+    except ImportError:  # no Triton: the torch backends are tested alone
+        pass
 
 
 @pytest.fixture(autouse=True)
