@@ -60,8 +60,12 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # 1. correctness with compiled kernels: the test files that launch GPU kernels (the rest is CPU-side
 #    and runs in CI)
 GPU_TESTS=${GPU_TESTS:-"tests/test_vicreg.py tests/test_lars.py tests/test_loss_modules.py tests/test_context_bottleneck.py tests/test_aggregate.py tests/test_models.py tests/test_augment.py"}
+# most of this stage is Triton compiling kernels on the CPU: with pytest-xdist (the GPU image has it)
+# six processes share the GPU and the on-disk kernel cache
+XDIST=""
+python3 -c 'import xdist' 2>/dev/null && XDIST="-n ${GPU_TEST_PROCS:-6}"
 # shellcheck disable=SC2086
-stage gpu_tests 170 python3 -m pytest $GPU_TESTS -q -p no:cacheprovider --benchmark-disable --maxfail=20 -rfEs
+stage gpu_tests 170 python3 -m pytest $GPU_TESTS $XDIST -q -p no:cacheprovider --benchmark-disable --maxfail=20 -rfEs
 # 2. fused loss: all shapes, fp32 + bf16; the compiled official formula where its target is set
 stage bench_loss 60 python3 benchmarks/bench_loss.py --device cuda --compile-shapes 64x2048
 # 3. context bottleneck at the five taps, batch 64, bf16 channels_last: eager, compiled, fused; plain
