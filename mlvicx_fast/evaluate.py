@@ -339,8 +339,47 @@ class PreparedData:
         self._cache[split] = out
         return out
 
+    def _decoded_dir(self) -> Path:
+        """Where decoded .beton splits are kept: <folder>/.decoded, or a per-folder cache directory
+        under $XDG_CACHE_HOME (~/.cache) when the data folder is read-only."""
+        here = self.folder / ".decoded"
+        try:
+            here.mkdir(exist_ok=True)
+            if os.access(here, os.W_OK):
+                return here
+        except OSError:
+            pass
+        import hashlib
+
+        key = hashlib.sha1(str(self.folder.resolve()).encode()).hexdigest()[:16]
+        there = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mlvicx_fast" / "decoded" / key
+        there.mkdir(parents=True, exist_ok=True)
+        return there
+
     def _read_beton(self, path: Path) -> Dict[str, np.ndarray]:
-        """The whole split in memory, in file order (evaluation sets are read once)."""
+        """The split in file order as memory maps: the first read decodes the .beton once into .npy
+        files (see _decoded_dir), batch by batch, so memory holds one batch and not the split (NIH's
+        train split at 256 px is 5.7 GB); later reads map those files while the .beton is unchanged."""
+        cache = self._decoded_dir()
+        stat = path.stat()
+        stamp = {"beton": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                 "format": self.meta.get("format"), "fields": self.meta.get("fields")}
+        stamp_file = cache / f"{path.stem}.json"
+        files = {k: cache / f"{path.stem}_{k}.npy" for k in ("images", "labels", "masks")}
+        try:
+            ok = json.loads(stamp_file.read_text()) == stamp
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            stamp_file.unlink(missing_ok=True)  # a decode that stops half-way leaves no valid stamp
+            self._decode_beton(path, files)
+            stamp_file.write_text(json.dumps(stamp))
+        out = {"images": np.load(files["images"], mmap_mode="r"), "labels": np.load(files["labels"])}
+        if files["masks"].is_file():
+            out["masks"] = np.load(files["masks"], mmap_mode="r")
+        return out
+
+    def _decode_beton(self, path: Path, files: Dict[str, Path]) -> None:
         try:
             from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder
             from ffcv.loader import Loader, OrderOption
@@ -351,21 +390,39 @@ class PreparedData:
         pipes = {"image": [SimpleRGBImageDecoder() if jpg else NDArrayDecoder()], "labels": [NDArrayDecoder()],
                  "index": [IntDecoder()]}
         fields = list(self.meta.get("fields", ["image", "labels", "index"]))
-        if "mask" in fields:
+        has_mask = "mask" in fields
+        if has_mask:
             pipes["mask"] = [NDArrayDecoder()]
         loader = Loader(str(path), batch_size=256, num_workers=max(1, min(4, os.cpu_count() or 1)),
                         order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipes)
-        parts: Dict[str, List[np.ndarray]] = {k: [] for k in fields}
-        for batch in loader:
-            for k, v in zip(fields, batch):
-                parts[k].append(np.array(v, copy=True))
-        images = np.concatenate(parts["image"])
-        if images.ndim == 4:
-            images = images[..., 0]
-        out = {"images": np.ascontiguousarray(images), "labels": np.concatenate(parts["labels"]).astype(np.uint8)}
-        if "mask" in parts:
-            out["masks"] = np.concatenate(parts["mask"]).astype(np.uint8)
-        return out
+        n, size = len(loader.indices), self.size
+        tmp = {k: f.with_name(f"{f.name}.{os.getpid()}.part") for k, f in files.items()}  # one per process
+        images = np.lib.format.open_memmap(tmp["images"], mode="w+", dtype=np.uint8, shape=(n, size, size))
+        masks = (np.lib.format.open_memmap(tmp["masks"], mode="w+", dtype=np.uint8, shape=(n, size, size))
+                 if has_mask else None)
+        labels: List[np.ndarray] = []
+        at = 0
+        for batch in tqdm(loader, desc=f"decoding {path.name}", unit="batch", leave=False, file=sys.stderr,
+                          disable=n < 4096):
+            got = dict(zip(fields, batch))
+            img = np.asarray(got["image"])
+            if img.ndim == 4:
+                img = img[..., 0]
+            images[at:at + len(img)] = img
+            if masks is not None:
+                masks[at:at + len(img)] = np.asarray(got["mask"]).reshape(len(img), size, size)
+            labels.append(np.asarray(got["labels"]).astype(np.uint8))
+            at += len(img)
+        if at != n:
+            raise EvaluationError(f"{path}: decoded {at} samples, expected {n}")
+        with open(tmp["labels"], "wb") as f:  # np.save would append .npy to a '.part' name
+            np.save(f, np.concatenate(labels) if labels else np.zeros((0, len(self.classes)), np.uint8))
+        del images, masks  # flush the memory maps before the files are renamed
+        for k, part in tmp.items():
+            if part.is_file():
+                os.replace(part, files[k])
+            else:
+                files[k].unlink(missing_ok=True)
 
 
 def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """python -m mlvicx_fast.evaluate: encoder loading and its errors, label subsets, Grad-CAM, and tiny
 end-to-end cls / seg / compare / heatmap runs on a phantom set prepared once per session."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -321,7 +322,7 @@ def test_seg_end_to_end(tmp_path, phantom, run_folder):
 
 # numba raises a KeyError while garbage-collecting the functions FFCV compiled for a loader: harmless
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_beton_and_npy_read_the_same(tmp_path, phantom):
+def test_beton_and_npy_read_the_same(tmp_path, phantom, monkeypatch):
     pytest.importorskip("ffcv")
     prepare("nih", phantom / "raw", tmp_path / "raw", size=SIZE, fmt="raw", workers=1, progress=False)
     a, b = ev.PreparedData(tmp_path / "raw").split("val"), ev.PreparedData(phantom / "nih").split("val")
@@ -330,8 +331,40 @@ def test_beton_and_npy_read_the_same(tmp_path, phantom):
     a, b = ev.PreparedData(tmp_path / "siim").split("val"), ev.PreparedData(phantom / "siim").split("val")
     assert set(a) == set(b) == {"images", "labels", "masks"}
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    # decoded once into memory maps beside the .beton (memory holds a batch, not the split) ...
+    assert isinstance(a["images"], np.memmap) and isinstance(a["masks"], np.memmap)
+    decoded = tmp_path / "siim" / ".decoded"
+    assert sorted(p.name for p in decoded.iterdir()) == ["val.json", "val_images.npy", "val_labels.npy",
+                                                         "val_masks.npy"]
+    # ... which later reads map without FFCV while the .beton is unchanged ...
+    import ffcv.loader
+
+    def no_loader(*a, **k):
+        raise AssertionError("decoded the .beton again")
+
+    monkeypatch.setattr(ffcv.loader, "Loader", no_loader)
+    c = ev.PreparedData(tmp_path / "siim").split("val")
+    assert all(np.array_equal(a[k], c[k]) for k in a)
+    # ... and decode again after it changed
+    os.utime(tmp_path / "siim" / "val.beton", ns=(1, 1))
+    with pytest.raises(AssertionError, match="decoded the .beton again"):
+        ev.PreparedData(tmp_path / "siim").split("val")
+    assert not (decoded / "val.json").exists()
     import gc
     gc.collect()  # let the FFCV loaders go here, where the warning filter applies, not at exit
+
+
+def test_decoded_splits_go_to_the_user_cache_when_the_data_folder_is_not_writable(tmp_path, phantom, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text((phantom / "nih" / "meta.json").read_text())
+    assert ev.PreparedData(data)._decoded_dir() == data / ".decoded"
+    (data / ".decoded").rmdir()
+    (data / ".decoded").write_text("not a folder")  # mkdir fails, as in a read-only folder
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    where = ev.PreparedData(data)._decoded_dir()
+    assert where.is_dir() and where.parent == tmp_path / "cache" / "mlvicx_fast" / "decoded"
+    assert ev.PreparedData(data)._decoded_dir() == where  # the same folder every time
 
 
 def test_demo_help_says_what_it_runs_and_expects(capsys):
