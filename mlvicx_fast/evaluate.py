@@ -50,9 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .metrics import EarlyStopping, accuracy, auc_table, dice_per_image, mean_or_none, mean_std_cell, paired_ttest
+from .progress import progress as progress_bar
 
 PathLike = Union[str, os.PathLike]
 
@@ -402,7 +402,7 @@ class PreparedData:
                  if has_mask else None)
         labels: List[np.ndarray] = []
         at = 0
-        for batch in tqdm(loader, desc=f"decoding {path.name}", unit="batch", leave=False, file=sys.stderr,
+        for batch in progress_bar(loader, desc=f"decoding {path.name}", unit="batch", leave=False,
                           disable=n < 4096):
             got = dict(zip(fields, batch))
             img = np.asarray(got["image"])
@@ -490,8 +490,7 @@ def extract_features(encoder: nn.Module, images: np.ndarray, rows: np.ndarray, i
     """(len(rows), 512) pooled features of images[rows] by the encoder in eval mode (CPU float32)."""
     encoder.eval()
     out = torch.empty(len(rows), 512)
-    for a in tqdm(range(0, len(rows), batch), desc=desc, unit="batch", disable=not progress, leave=False,
-                  file=sys.stderr):
+    for a in progress_bar(range(0, len(rows), batch), desc=desc, unit="batch", disable=not progress, leave=False):
         idx = rows[a:a + batch]
         out[a:a + len(idx)] = pooled_features(encoder, to_input(images[idx], in_chans, device, size)).float().cpu()
     return out
@@ -528,7 +527,7 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
     yt = torch.from_numpy(np.asarray(train_y, dtype=np.float32))
     best_state, history = None, []
     n = len(yt)
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False, file=sys.stderr)
+    bar = progress_bar(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
         total, seen = 0.0, 0
@@ -922,8 +921,7 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
                     stopper = EarlyStopping(patience)
                     best_state, history = None, []
                     desc = f"{name} {protocol} {fraction:g}% seed {seed}"
-                    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False,
-                               file=sys.stderr)
+                    bar = progress_bar(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
                     for epoch in bar:
                         model.train()
                         total, seen = 0.0, 0
@@ -1289,7 +1287,7 @@ def run_heatmap(model_path: PathLike, out: PathLike, images: Sequence[PathLike] 
         raise EvaluationError("no images: give image files and/or --data with --split and --n")
     out = Path(out)
     report = {"model": str(model_path), "classes": wanted, "size": size, "images": {}}
-    for stem, gray in tqdm(items, desc="heatmaps", unit="img", disable=not progress, file=sys.stderr):
+    for stem, gray in progress_bar(items, desc="heatmaps", unit="img", disable=not progress):
         x = to_input(gray[None], encoder_in_chans(model.encoder), dev)
         cams, probs = grad_cam(model, x, ks)
         folder = out / _slug(stem)

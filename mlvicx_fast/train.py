@@ -525,9 +525,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                      rng=rng_state(), reason=reason)
         return ckpts.save(step, state)
 
-    from tqdm import tqdm
+    from .progress import progress
 
-    bar = tqdm(total=total_steps, initial=step, disable=not is_main(), unit="step", dynamic_ncols=True)
+    bar = progress(total=total_steps, initial=step, disable=not is_main(), unit="step", dynamic_ncols=True)
     pending_steps: List[int] = []
     pending_lrs: List[float] = []
     pending: List[torch.Tensor] = []

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from ..progress import progress as progress_bar
 from .datasets import SCANNERS, LabelFileError, Record, Scan
 from .images import ImageError, MissingDecoderError, fit_square, fit_square_mask, read_image, rle_decode
 
@@ -89,7 +89,7 @@ def _decode_all(records: List[Record], size: int, workers: int, with_mask: bool,
                 raise StrictError(f"--strict: {r.image_id} ({r.split}) is listed but its image file was not found")
         else:
             tasks.append((k, str(r.path), size, r.rle if with_mask else None))
-    bar = tqdm(total=len(tasks), desc="decode", unit="img", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(tasks), desc="decode", unit="img", disable=not progress)
     pool = None
     try:
         if workers > 1 and len(tasks) > 1:

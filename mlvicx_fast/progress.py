@@ -1,0 +1,23 @@
+"""Progress bars for the package's long work: tqdm on stderr.
+
+On a terminal tqdm redraws up to ten times a second. In a log file (a cluster job's output, a
+redirected run) every redraw is appended, so there the bar updates every ``LOG_INTERVAL_S``
+seconds instead: an hour of training adds a few kilobytes to the log, not megabytes.
+"""
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+LOG_INTERVAL_S = 30.0
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """``tqdm(iterable, **kwargs)`` writing to stderr, slowed to LOG_INTERVAL_S when that is not a
+    terminal (an explicit ``mininterval`` wins)."""
+    stream = kwargs.setdefault("file", sys.stderr)
+    isatty = getattr(stream, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+    return tqdm(iterable, **kwargs)
