@@ -350,6 +350,9 @@ def test_beton_and_npy_read_the_same(tmp_path, phantom, monkeypatch):
     with pytest.raises(AssertionError, match="decoded the .beton again"):
         ev.PreparedData(tmp_path / "siim").split("val")
     assert not (decoded / "val.json").exists()
+    assert decoded.is_dir()
+    prepare("siim", phantom / "raw", tmp_path / "siim", size=SIZE, fmt="raw", workers=1, progress=False)
+    assert not decoded.exists(), "preparing again leaves the decoded copies of the old files behind"
     import gc
     gc.collect()  # let the FFCV loaders go here, where the warning filter applies, not at exit
 

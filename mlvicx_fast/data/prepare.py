@@ -221,6 +221,7 @@ def prepare(dataset: str, root, out, size: int = 256, fmt: str = "jpg", workers:
         }
         for _, why in skipped:
             summary["skipped"][why] = summary["skipped"].get(why, 0) + 1
+        shutil.rmtree(out / ".decoded", ignore_errors=True)  # evaluate's decoded copies of the old files
         for split in SPLITS:
             keep = np.array([k for k, r in enumerate(records) if r.split == split and not reasons[k]], dtype=np.int64)
             for old in (f"{split}.beton", f"{split}_images.npy", f"{split}_labels.npy", f"{split}_masks.npy"):
