@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -349,8 +350,6 @@ class PreparedData:
                 return here
         except OSError:
             pass
-        import hashlib
-
         key = hashlib.sha1(str(self.folder.resolve()).encode()).hexdigest()[:16]
         there = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mlvicx_fast" / "decoded" / key
         there.mkdir(parents=True, exist_ok=True)
@@ -400,29 +399,33 @@ class PreparedData:
         images = np.lib.format.open_memmap(tmp["images"], mode="w+", dtype=np.uint8, shape=(n, size, size))
         masks = (np.lib.format.open_memmap(tmp["masks"], mode="w+", dtype=np.uint8, shape=(n, size, size))
                  if has_mask else None)
-        labels: List[np.ndarray] = []
-        at = 0
-        for batch in progress_bar(loader, desc=f"decoding {path.name}", unit="batch", leave=False,
-                          disable=n < 4096):
-            got = dict(zip(fields, batch))
-            img = np.asarray(got["image"])
-            if img.ndim == 4:
-                img = img[..., 0]
-            images[at:at + len(img)] = img
-            if masks is not None:
-                masks[at:at + len(img)] = np.asarray(got["mask"]).reshape(len(img), size, size)
-            labels.append(np.asarray(got["labels"]).astype(np.uint8))
-            at += len(img)
-        if at != n:
-            raise EvaluationError(f"{path}: decoded {at} samples, expected {n}")
-        with open(tmp["labels"], "wb") as f:  # np.save would append .npy to a '.part' name
-            np.save(f, np.concatenate(labels) if labels else np.zeros((0, len(self.classes)), np.uint8))
-        del images, masks  # flush the memory maps before the files are renamed
-        for k, part in tmp.items():
-            if part.is_file():
-                os.replace(part, files[k])
-            else:
-                files[k].unlink(missing_ok=True)
+        try:
+            labels: List[np.ndarray] = []
+            at = 0
+            for batch in progress_bar(loader, desc=f"decoding {path.name}", unit="batch", leave=False,
+                                      disable=n < 4096):
+                got = dict(zip(fields, batch))
+                img = np.asarray(got["image"])
+                if img.ndim == 4:
+                    img = img[..., 0]
+                images[at:at + len(img)] = img
+                if masks is not None:
+                    masks[at:at + len(img)] = np.asarray(got["mask"]).reshape(len(img), size, size)
+                labels.append(np.asarray(got["labels"]).astype(np.uint8))
+                at += len(img)
+            if at != n:
+                raise EvaluationError(f"{path}: decoded {at} samples, expected {n}")
+            with open(tmp["labels"], "wb") as f:  # np.save would append .npy to a '.part' name
+                np.save(f, np.concatenate(labels) if labels else np.zeros((0, len(self.classes)), np.uint8))
+            del images, masks  # flush the memory maps before the files are renamed
+            for k, part in tmp.items():
+                if part.is_file():
+                    os.replace(part, files[k])
+                else:
+                    files[k].unlink(missing_ok=True)
+        finally:  # a decode that fails (or is interrupted) leaves no partial files behind
+            for part in tmp.values():
+                part.unlink(missing_ok=True)
 
 
 def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:

@@ -350,7 +350,20 @@ def test_beton_and_npy_read_the_same(tmp_path, phantom, monkeypatch):
     with pytest.raises(AssertionError, match="decoded the .beton again"):
         ev.PreparedData(tmp_path / "siim").split("val")
     assert not (decoded / "val.json").exists()
-    assert decoded.is_dir()
+
+    class Broken:  # a decode that fails half-way leaves neither partial files nor a stamp
+        def __init__(self, *a, **k):
+            self.indices = np.arange(len(c["labels"]))
+
+        def __iter__(self):
+            yield [np.zeros((2, SIZE, SIZE), np.uint8), np.zeros((2, 14), np.uint8), np.arange(2),
+                   np.zeros((2, SIZE, SIZE), np.uint8)]
+            raise OSError("disk gone")
+
+    monkeypatch.setattr(ffcv.loader, "Loader", Broken)
+    with pytest.raises(OSError, match="disk gone"):
+        ev.PreparedData(tmp_path / "siim").split("val")
+    assert not list(decoded.glob("*.part")) and not (decoded / "val.json").exists()
     prepare("siim", phantom / "raw", tmp_path / "siim", size=SIZE, fmt="raw", workers=1, progress=False)
     assert not decoded.exists(), "preparing again leaves the decoded copies of the old files behind"
     import gc
