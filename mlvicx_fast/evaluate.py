@@ -558,7 +558,7 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss,
                         "val_mean_auc": val["mean"]})
-        bar.set_postfix(loss=f"{total / max(seen, 1):.3f}",
+        bar.set_postfix(refresh=False, loss=f"{total / max(seen, 1):.3f}",
                         val_auc="—" if val["mean"] is None else f"{val['mean']:.3f}")
         if stopper.stop:
             break
@@ -942,7 +942,7 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
                         if stopper.step(d):
                             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                         history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_dice": d})
-                        bar.set_postfix(loss=f"{total / max(seen, 1):.3f}", val_dice=f"{d:.3f}")
+                        bar.set_postfix(refresh=False, loss=f"{total / max(seen, 1):.3f}", val_dice=f"{d:.3f}")
                         if stopper.stop:
                             break
                     bar.close()

@@ -2,7 +2,9 @@
 
 On a terminal tqdm redraws up to ten times a second. In a log file (a cluster job's output, a
 redirected run) every redraw is appended, so there the bar updates every ``LOG_INTERVAL_S``
-seconds instead: an hour of training adds a few kilobytes to the log, not megabytes.
+seconds instead: an hour of training adds a few kilobytes to the log, not megabytes. Callers
+give ``set_postfix`` ``refresh=False`` (it otherwise redraws at once, whatever the interval); the
+next ``update`` shows it.
 """
 from __future__ import annotations
 

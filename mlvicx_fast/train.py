@@ -566,7 +566,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             row.update({k: (x if p else "") for k, x, p in zip(TERMS, v[1:], present)})
                             log.step(row)
                     last = vals[-1].tolist()
-                    bar.set_postfix(loss=f"{last[0]:.3f}", inv=f"{last[1]:.3g}", var=f"{last[2]:.3g}",
+                    bar.set_postfix(refresh=False, loss=f"{last[0]:.3f}", inv=f"{last[1]:.3g}", var=f"{last[2]:.3g}",
                                     cov=f"{last[3]:.3g}", pairs_s=f"{rate:.0f}")
                     bar.update(len(pending))
                     pending_steps, pending_lrs, pending = [], [], []
