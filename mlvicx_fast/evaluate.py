@@ -378,10 +378,15 @@ class PreparedData:
             out["masks"] = np.load(files["masks"], mmap_mode="r")
         return out
 
+    DECODE_BATCH = 256
+
     def _decode_beton(self, path: Path, files: Dict[str, Path]) -> None:
+        from .data.loader import keep_torch_threads
+
         try:
-            from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder
-            from ffcv.loader import Loader, OrderOption
+            with keep_torch_threads():
+                from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder
+                from ffcv.loader import Loader, OrderOption
         except ImportError:
             raise EvaluationError(f"{path} is an FFCV file and ffcv is not installed; prepare with --format npy "
                                   "or install ffcv (scripts/setup.sh --dev)") from None
@@ -392,8 +397,9 @@ class PreparedData:
         has_mask = "mask" in fields
         if has_mask:
             pipes["mask"] = [NDArrayDecoder()]
-        loader = Loader(str(path), batch_size=256, num_workers=max(1, min(4, os.cpu_count() or 1)),
-                        order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipes)
+        with keep_torch_threads():
+            loader = Loader(str(path), batch_size=self.DECODE_BATCH, num_workers=max(1, min(4, os.cpu_count() or 1)),
+                            order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipes)
         n, size = len(loader.indices), self.size
         tmp = {k: f.with_name(f"{f.name}.{os.getpid()}.part") for k, f in files.items()}  # one per process
         images = np.lib.format.open_memmap(tmp["images"], mode="w+", dtype=np.uint8, shape=(n, size, size))
@@ -402,8 +408,10 @@ class PreparedData:
         try:
             labels: List[np.ndarray] = []
             at = 0
-            for batch in progress_bar(loader, desc=f"decoding {path.name}", unit="batch", leave=False,
-                                      disable=n < 4096):
+            with keep_torch_threads():
+                batches = iter(loader)
+            for batch in progress_bar(batches, total=math.ceil(n / self.DECODE_BATCH), desc=f"decoding {path.name}", unit="batch",
+                                      leave=False, disable=n < 4096):
                 got = dict(zip(fields, batch))
                 img = np.asarray(got["image"])
                 if img.ndim == 4:

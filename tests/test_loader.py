@@ -87,6 +87,29 @@ def test_pretrain_two_views(prepared, kind):
 
 
 @needs_ffcv
+def test_ffcv_leaves_torch_threads_alone(prepared):
+    """FFCV sets torch's thread count on import, on Loader() and on iter(Loader); training on a CPU
+    then ran on one core. Building and iterating our loader (one worker) keeps the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        L = make_loader(prepared / "nih", mode="pretrain", batch_size=8, size=32, workers=1, seed=3)
+        assert torch.get_num_threads() == 3
+        v1, _ = next(iter(L))
+        assert torch.get_num_threads() == 3 and v1.shape[0] == 8
+        for _ in L:
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    # importing FFCV (only the first import in a process sets the count to 1)
+    code = ("import torch; torch.set_num_threads(3); from mlvicx_fast.data.loader import ffcv_available; "
+            "assert ffcv_available(); print(torch.get_num_threads())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0 and r.stdout.split()[-1] == "3", (r.stdout, r.stderr[-2000:])
+
+
+@needs_ffcv
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_beton_and_npy_agree_row_by_row(prepared, split):
     """Labels against <split>_index.csv by row; images identical between the raw .beton and .npy."""

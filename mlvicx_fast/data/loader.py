@@ -32,6 +32,7 @@ Without FFCV (or with a folder prepared with --format npy) a plain iterator over
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -47,9 +48,28 @@ from ..ops.augment import CROP_FLIP, VICREG, Recipe, augment_with_params, eval_t
 MODES = ("pretrain", "classify", "segment")
 
 
-def ffcv_available() -> bool:
+@contextlib.contextmanager
+def keep_torch_threads():
+    """Undo what FFCV does to torch's thread count inside the block.
+
+    FFCV calls torch.set_num_threads when it is imported (with 1), when a Loader is built and each
+    time one is iterated (with its worker count), so on a CPU the training or evaluation that reads
+    a .beton ran its convolutions on one core (seen here: 4.5 s per built-in training step on 2
+    cores instead of about 2.4). Every FFCV import, Loader and iter(Loader) of this package runs in
+    this block. FFCV's own decoding threads set their counts in their threads and keep them."""
+    n = torch.get_num_threads()
     try:
-        import ffcv  # noqa: F401
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+def ffcv_available() -> bool:
+    """Whether FFCV imports (importing it leaves torch's thread count as it was)."""
+    try:
+        with keep_torch_threads():
+            import ffcv  # noqa: F401
         return True
     except ImportError:
         return False
@@ -109,11 +129,12 @@ class _NpyBatches:
 
 def _ffcv_loader(path, fields, batch_size, workers, indices, shuffle, drop_last, seed, device, crop_cpu,
                  size, recipe, fmt, distributed=False):
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.decoders import NDArrayDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.pipeline import PipelineSpec
-    from ffcv.transforms import ToDevice, ToTensor
+    with keep_torch_threads():
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.decoders import NDArrayDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import ToDevice, ToTensor
 
     def tail():
         t = [ToTensor()]
@@ -134,10 +155,11 @@ def _ffcv_loader(path, fields, batch_size, workers, indices, shuffle, drop_last,
     pipelines["index"] = [IntDecoder(), ToTensor()]
     if "mask" in fields:
         pipelines["mask"] = [NDArrayDecoder()] + tail()
-    return Loader(str(path), batch_size=batch_size, num_workers=workers,
-                  order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, drop_last=drop_last,
-                  pipelines=pipelines, indices=None if indices is None else list(map(int, indices)),
-                  seed=seed, os_cache=True, distributed=distributed)
+    with keep_torch_threads():
+        return Loader(str(path), batch_size=batch_size, num_workers=workers,
+                      order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, drop_last=drop_last,
+                      pipelines=pipelines, indices=None if indices is None else list(map(int, indices)),
+                      seed=seed, os_cache=True, distributed=distributed)
 
 
 class PreparedLoader:
@@ -217,7 +239,8 @@ class PreparedLoader:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * self.world_size + self.rank)
         self.epoch += 1
-        it = iter(self._it)
+        with keep_torch_threads():
+            it = iter(self._it)
         try:
             yield from self._batches(it, gen)
         finally:  # stop FFCV's prefetch thread (an epoch left early) and wait for it, so that no

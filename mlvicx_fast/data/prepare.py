@@ -33,6 +33,7 @@ import numpy as np
 from ..progress import progress as progress_bar
 from .datasets import SCANNERS, LabelFileError, Record, Scan
 from .images import ImageError, MissingDecoderError, fit_square, fit_square_mask, read_image, rle_decode
+from .loader import ffcv_available, keep_torch_threads
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("jpg", "raw", "npy")
@@ -40,14 +41,6 @@ FORMATS = ("jpg", "raw", "npy")
 
 class StrictError(RuntimeError):
     """--strict: the first missing or unreadable image stops the run."""
-
-
-def ffcv_available() -> bool:
-    try:
-        import ffcv  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,8 +132,9 @@ class _Rows:
 
 
 def _write_beton(path: Path, rows: _Rows, n_classes: int, size: int, fmt: str, workers: int):
-    from ffcv.fields import IntField, NDArrayField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    with keep_torch_threads():
+        from ffcv.fields import IntField, NDArrayField, RGBImageField
+        from ffcv.writer import DatasetWriter
 
     fields = {
         "image": RGBImageField(write_mode="jpg", jpeg_quality=90) if fmt == "jpg"
