@@ -294,6 +294,8 @@ class Classifier(nn.Module):
 class PreparedData:
     """A folder written by ``python -m mlvicx_fast.data.prepare``: meta.json and per-split .beton or .npy."""
 
+    DECODE_BATCH = 256  # samples per FFCV batch when a .beton split is decoded (_decode_beton)
+
     def __init__(self, folder: PathLike):
         self.folder = Path(folder).expanduser()
         if not self.folder.exists():
@@ -378,8 +380,6 @@ class PreparedData:
             out["masks"] = np.load(files["masks"], mmap_mode="r")
         return out
 
-    DECODE_BATCH = 256
-
     def _decode_beton(self, path: Path, files: Dict[str, Path]) -> None:
         from .data.loader import keep_torch_threads
 
@@ -398,7 +398,8 @@ class PreparedData:
         if has_mask:
             pipes["mask"] = [NDArrayDecoder()]
         with keep_torch_threads():
-            loader = Loader(str(path), batch_size=self.DECODE_BATCH, num_workers=max(1, min(4, os.cpu_count() or 1)),
+            loader = Loader(str(path), batch_size=self.DECODE_BATCH,
+                            num_workers=max(1, min(4, os.cpu_count() or 1)),
                             order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipes)
         n, size = len(loader.indices), self.size
         tmp = {k: f.with_name(f"{f.name}.{os.getpid()}.part") for k, f in files.items()}  # one per process
@@ -410,8 +411,8 @@ class PreparedData:
             at = 0
             with keep_torch_threads():
                 batches = iter(loader)
-            for batch in progress_bar(batches, total=math.ceil(n / self.DECODE_BATCH), desc=f"decoding {path.name}", unit="batch",
-                                      leave=False, disable=n < 4096):
+            for batch in progress_bar(batches, total=math.ceil(n / self.DECODE_BATCH), desc=f"decoding {path.name}",
+                                      unit="batch", leave=False, disable=n < 4096):
                 got = dict(zip(fields, batch))
                 img = np.asarray(got["image"])
                 if img.ndim == 4:

@@ -60,11 +60,10 @@ def _permute_interpreter_programs():
     builder.set_grid_dim, builder.set_grid_idx = set_grid_dim, set_grid_idx
 
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and INTERPRET_ORDER != "forward":
-    try:
-        _permute_interpreter_programs()
-    except ImportError:  # no Triton: the torch backends are tested alone
-        pass
+from mlvicx_fast.ops._triton import HAS_TRITON, interpreting  # noqa: E402 (after TRITON_INTERPRET is set)
+
+if HAS_TRITON and interpreting() and INTERPRET_ORDER != "forward":
+    _permute_interpreter_programs()
 
 
 @pytest.fixture(autouse=True)

@@ -55,8 +55,9 @@ def keep_torch_threads():
     FFCV calls torch.set_num_threads when it is imported (with 1), when a Loader is built and each
     time one is iterated (with its worker count), so on a CPU the training or evaluation that reads
     a .beton ran its convolutions on one core (seen here, 2026-12-01: 4.2-4.5 s per built-in
-    training step on 2 cores, 2.9 s with both cores). Every FFCV import, Loader and iter(Loader) of this package runs in
-    this block. FFCV's own decoding threads set their counts in their threads and keep them."""
+    training step on 2 cores, 2.9 s with both cores). Every FFCV import, Loader and iter(Loader)
+    of this package runs in this block. FFCV's own decoding threads set their counts in their
+    threads and keep them."""
     n = torch.get_num_threads()
     try:
         yield
