@@ -1,6 +1,8 @@
 """gather_distributed=True on two CPU processes (gloo) equals one process on the whole batch."""
 import os
 import socket
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +83,81 @@ def test_gather_distributed_matches_single_process(tmp_path, kind, backend):
         n = b // WORLD
         expect = WORLD * z1.grad[rank * n:(rank + 1) * n]
         assert torch.allclose(got["z1_grad"], expect, rtol=1e-4, atol=1e-6 * expect.abs().max().item())
+
+
+def _uneven_worker(rank, port, state, x1, x2, sizes, out_dir):
+    """Two loss calls: equal local batches first, then the sizes given (which may differ)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        head = torch.nn.Linear(x1.shape[1], 24)
+        head.load_state_dict(state)
+        loss_fn = _make_loss("mlvicx", "torch")
+        half = x1.shape[0] // WORLD
+        sl = slice(rank * half, (rank + 1) * half)
+        _forward(loss_fn, "mlvicx", head, x1[sl], x2[sl])[0].backward()  # this rank's shape is now known
+        head.zero_grad()
+        start = sum(sizes[:rank])
+        sl = slice(start, start + sizes[rank])
+        loss, (z1, _) = _forward(loss_fn, "mlvicx", head, x1[sl], x2[sl])
+        z1.retain_grad()
+        loss.backward()
+        grads = [p.grad.clone() for p in head.parameters()]
+        for g in grads:
+            dist.all_reduce(g)
+            g /= WORLD
+        torch.save({"loss": loss.detach(), "grads": grads, "z1_grad": z1.grad}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sizes", [[6, 4], [3, 6]], ids=["one-rank-changes", "both-change"])
+def test_gather_uneven_local_batches(tmp_path, sizes):
+    """Local batch sizes may differ between ranks, and may change on one rank only (which used to
+    send the ranks into different collectives): the loss is still that of the concatenated batch."""
+    b, d = 12, 9
+    x1, x2 = torch.randn(b, d), torch.randn(b, d)
+    head = torch.nn.Linear(d, 24)
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+
+    mp.spawn(_uneven_worker, args=(_free_port(), state, x1, x2, sizes, str(tmp_path)), nprocs=WORLD, join=True)
+
+    n = sum(sizes)
+    loss, (z1, _) = _forward(_make_loss("mlvicx", "torch"), "mlvicx", head, x1[:n], x2[:n])
+    z1.retain_grad()
+    loss.backward()
+    scale = max(p.grad.abs().max().item() for p in head.parameters())
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.allclose(got["loss"], loss.detach(), rtol=1e-5), (sizes, got["loss"], loss)
+        for g_dist, p in zip(got["grads"], head.parameters()):
+            assert torch.allclose(g_dist, p.grad, rtol=1e-4, atol=1e-5 * scale), sizes
+        start = sum(sizes[:rank])
+        expect = WORLD * z1.grad[start:start + sizes[rank]]
+        assert got["z1_grad"].shape == expect.shape
+        assert torch.allclose(got["z1_grad"], expect, rtol=1e-4, atol=1e-6 * expect.abs().max().item())
+
+
+def _mismatch_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        z = torch.randn(4, 8 + rank)  # rank 1's embeddings are wider
+        try:
+            VICRegLoss(gather_distributed=True)(z, z.clone())
+            message = "no error"
+        except ValueError as e:
+            message = str(e)
+        (Path(out_dir) / f"{rank}.txt").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_gather_shape_mismatch_is_an_error_on_every_rank(tmp_path):
+    mp.spawn(_mismatch_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        message = (tmp_path / f"{rank}.txt").read_text()
+        assert "must agree in every dimension but the first" in message, message
+        assert "(4, 8)" in message and "(4, 9)" in message, message

@@ -31,7 +31,7 @@ class VICRegLoss(nn.Module):
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, return_terms: bool = False) -> LossOut:
         if self.gather_distributed:
-            z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+            z1, z2 = gather_with_grad(z1, z2)
         return vicreg_loss(z1, z2, self.sim_coeff, self.std_coeff, self.cov_coeff, self.eps,
                            backend=self.backend, return_terms=return_terms)
 
