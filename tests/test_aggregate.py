@@ -86,3 +86,19 @@ def test_bad_inputs():
         MultiLevelAggregation([3], mode="fast")
     with pytest.raises(ValueError, match=r"map 0 should have 3 channels, got shape \(2, 5, 4, 4\)"):
         MultiLevelAggregation([3], width=4)([torch.randn(2, 5, 4, 4)])
+
+
+def test_compiled_aggregation_traces_once():
+    """Under torch.compile the pooling matrices are built in the graph: a lookup in their cache
+    made dynamo guard on it, so the entry the first trace added recompiled the network on its
+    second call. Three calls, fresh inputs each time: one trace, the eager value."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    taps = [(3, 9, 7), (5, 4, 4)]
+    fn = torch.compile(lambda m, w, b: aggregate_exact(m, w, b, resize=16, pool=3), backend=counter, fullgraph=True)
+    for _ in range(3):
+        t = make(taps, 2, 6, dtype=torch.float32)
+        got = fn(t[:2], t[2:4], t[4:])
+        assert rel_err(got, aggregate_official(t[:2], t[2:4], t[4:], resize=16, pool=3)) < 1e-5
+    assert counter.frame_count == 1, f"{counter.frame_count} traces for one shape"

@@ -217,3 +217,26 @@ def test_ablation_flags_drop_one_loss(phantom_npy, tmp_path, flag, absent):
         terms = {t: float(row[f"{kept}/{t}"]) for t in ("inv", "var", "cov")}
         # the loss is the kept VICReg loss alone (weight 1): 25 inv + 25 var + 1 cov
         assert float(row["loss"]) == pytest.approx(25 * terms["inv"] + 25 * terms["var"] + terms["cov"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ --compile
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_compiled_step_traces_the_network_once(monkeypatch, backend):
+    """--compile: three training steps with fresh views trace the two-view network once. A
+    recompile on the second step (a cache the trace read, say) doubles the first steps' time,
+    and inside a CUDA graph's warm-up it is a second full compilation before the capture."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()  # dynamo's traces, without inductor's code generation
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, backend=counter, **kw))
+    cfg = train.resolve(train.Config(data="x", preset="paper", dim=64, image_size=32, batch_size=4, compile=True,
+                                     cuda_graph=False, channels_last=True, precision="fp32", device="cpu",
+                                     backend=backend))
+    parts = train.build_training(cfg, torch.device("cpu"))
+    parts.lr.fill_(0.1)
+    for _ in range(3):
+        x1, x2 = (torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last) for _ in range(2))
+        values = parts.step(x1, x2)
+        assert torch.isfinite(values).all(), values
+    assert counter.frame_count == 1, f"the network was traced {counter.frame_count} times in three steps"

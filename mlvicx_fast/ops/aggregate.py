@@ -14,7 +14,8 @@ linear and act on different axes, and every row of the resize and of the pooling
 where K_h (Q x H_p) and K_w (Q x W_p) are the 1-D "linear resize to R, then adaptive average
 pool to Q" matrices (bilinear resizing is separable into the two 1-D linear resizes). Here
 ``K = kron(K_h, K_w)`` (Q*Q x H_p*W_p) is built exactly, by applying F.interpolate and
-F.adaptive_avg_pool1d to an identity in float64, and cached per (size, R, Q, device, dtype).
+F.adaptive_avg_pool1d to an identity in float64, and cached per (size, R, Q, device, dtype)
+(built in the graph under torch.compile, see ``pooling_matrix``).
 Each map is reduced by one matrix product that reads it once (``K @ y`` over the pixels, in
 either layout), the T pooled maps are concatenated over channels and projected by one product
 with the concatenated weights; no R x R map exists, forward or backward.
@@ -40,22 +41,30 @@ def resize_pool_matrix(size: int, resize: int = 64, pool: int = 4,
                        device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(pool, size) matrix K with K @ v = adaptive_avg_pool1d(linear_resize(v, resize), pool)
     for a 1-D signal v of length ``size`` (linear interpolation, align_corners=False)."""
-    eye = torch.eye(size, dtype=torch.float64).unsqueeze(1)  # row i is the unit signal e_i
+    eye = torch.eye(size, dtype=torch.float64, device=device).unsqueeze(1)  # row i is the unit signal e_i
     resized = F.interpolate(eye, size=resize, mode="linear", align_corners=False)
     pooled = F.adaptive_avg_pool1d(resized, pool)  # (size, 1, pool): column i of K
-    return pooled.squeeze(1).t().contiguous().to(device=device, dtype=dtype)
+    return pooled.squeeze(1).t().contiguous().to(dtype=dtype)
 
 
 def pooling_matrix(height: int, width: int, resize: int = 64, pool: int = 4,
                    device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(pool*pool, height*width) matrix kron(K_h, K_w), cached: row i*pool + j, column h*W + w."""
+    """(pool*pool, height*width) matrix kron(K_h, K_w), cached: row i*pool + j, column h*W + w.
+
+    Under torch.compile it is built in the graph, on the device (one small fused kernel), and the
+    cache is left alone: looking it up would make dynamo guard on the cache's contents, so the entry
+    the first trace adds would recompile the whole network on its second call."""
+    def build():
+        k_h = resize_pool_matrix(height, resize, pool, device=device, dtype=torch.float64)
+        k_w = resize_pool_matrix(width, resize, pool, device=device, dtype=torch.float64)
+        return torch.kron(k_h, k_w).to(dtype=dtype)
+
+    if torch.compiler.is_compiling():
+        return build()
     key = (height, width, resize, pool, str(device), dtype)
     mat = _MATRICES.get(key)
     if mat is None:
-        k_h = resize_pool_matrix(height, resize, pool, dtype=torch.float64)
-        k_w = resize_pool_matrix(width, resize, pool, dtype=torch.float64)
-        mat = torch.kron(k_h, k_w).to(device=device, dtype=dtype)
-        _MATRICES[key] = mat
+        mat = _MATRICES[key] = build()
     return mat
 
 
