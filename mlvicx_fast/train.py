@@ -534,6 +534,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_last, steps_last, start = time.perf_counter(), step, time.perf_counter()
     epoch_losses: List[float] = []
     status = 0
+    # what the first step does beyond a step (so a long silence on a GPU has a stated cause)
+    first_call = " and ".join(what for what, on in (("compiling the network", cfg.compile),
+                                                    ("capturing the CUDA graph", cfg.cuda_graph)) if on) or None
     try:
         while step < total_steps:
             epoch, offset = divmod(step, steps_per_epoch)
@@ -543,7 +546,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                     continue
                 lr = warmup_cosine_lr(step, schedule_steps, warmup_steps, cfg.lr)
                 lr_now.fill_(lr)
+                if first_call is not None:
+                    say(f"first step: {first_call} (can take minutes; later steps replay it)")
+                    t_first = time.perf_counter()
                 values = run_step(x1, x2)
+                if first_call is not None:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    say(f"first step took {time.perf_counter() - t_first:.1f} s")
+                    first_call = None
                 step += 1
                 pending_steps.append(step)
                 pending_lrs.append(lr)
