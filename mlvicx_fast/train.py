@@ -8,8 +8,8 @@ kept), final.pt, loss.png, and TensorBoard events when tensorboard is installed.
 
 The step: two augmented views of each image (fused GPU augmentation), the MLVICX network on each
 view, MLVICXLoss = global_weight * VICReg(z1, z2) + lambda * VICReg(m1, m2), backward, LARS with
-warmup + cosine. On a GPU: bf16 autocast, channels_last and the whole step in one CUDA graph (each
-can be turned off for comparison); --compile adds torch.compile of the network.
+warmup + cosine. channels_last everywhere; on a GPU also bf16 autocast and the whole step in one
+CUDA graph (each can be turned off for comparison); --compile adds torch.compile of the network.
 
 Examples:
   python -m mlvicx_fast.train                                   # built-in default, any machine
@@ -72,7 +72,8 @@ class Config:
         help="torch.compile the network (off by default until measured together with the CUDA graph)"))
     cuda_graph: Optional[bool] = field(default=None, metadata=dict(
         help="capture the whole step in one CUDA graph (default: on GPU)"))
-    channels_last: Optional[bool] = field(default=None, metadata=dict(help="channels_last memory format (default: on GPU)"))
+    channels_last: bool = field(default=True, metadata=dict(
+        help="channels_last memory format (on by default: on 2 CPU cores too, the built-in step is ~15%% faster)"))
     workers: int = field(default=0, metadata=dict(help="loader worker threads (0: all cores)"))
     out: str = field(default="", metadata=dict(help="run folder (default: runs/<date>-<time>)"))
     resume: str = field(default="", metadata=dict(help="run folder or checkpoint to continue exactly"))
@@ -166,9 +167,8 @@ def resolve(cfg: Config) -> Config:
     cfg.device = ("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device
     if cfg.precision == "auto":
         cfg.precision = "bf16" if cuda else "fp32"
-    for name in ("cuda_graph", "channels_last"):
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, cuda)
+    if cfg.cuda_graph is None:
+        cfg.cuda_graph = cuda
     if cfg.cuda_graph and not cuda:
         raise SystemExit("train: --cuda-graph needs a CUDA device")
     if cfg.cuda_graph and cfg.precision == "fp16":
