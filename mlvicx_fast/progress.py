@@ -4,7 +4,7 @@ On a terminal tqdm redraws up to ten times a second. In a log file (a cluster jo
 redirected run) every redraw is appended, so there the bar updates every ``LOG_INTERVAL_S``
 seconds instead: an hour of training adds a few kilobytes to the log, not megabytes. Callers
 give ``set_postfix`` ``refresh=False`` (it otherwise redraws at once, whatever the interval); the
-next ``update`` shows it.
+next ``update`` shows it, and tqdm's monitor thread waits as long before it forces a redraw.
 """
 from __future__ import annotations
 
@@ -22,4 +22,7 @@ def progress(iterable=None, **kwargs) -> tqdm:
     isatty = getattr(stream, "isatty", None)
     if not (callable(isatty) and isatty()):
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+        # tqdm's monitor thread redraws a bar that has been quiet for maxinterval (10 s): without
+        # this a log still got a line every 10-20 s (seen in the main command's redirected output)
+        kwargs.setdefault("maxinterval", max(kwargs["mininterval"], 10.0))
     return tqdm(iterable, **kwargs)

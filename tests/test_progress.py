@@ -13,6 +13,7 @@ def test_log_file_gets_rare_updates_and_terminal_the_usual_ones():
     log, term = io.StringIO(), _Terminal()
     with progress(total=3, file=log) as a, progress(total=3, file=term) as b:
         assert a.mininterval == LOG_INTERVAL_S >= 10
+        assert a.maxinterval >= a.mininterval  # tqdm's monitor thread redraws after maxinterval quiet
         assert b.mininterval < 1
     with progress(total=3, file=log, mininterval=0.5) as c:
         assert c.mininterval == 0.5  # an explicit interval wins
