@@ -34,23 +34,51 @@ def _forward(loss_fn, kind, head, x1, x2):
     return loss_fn(z1, z2, m1, m2), (z1, z2)
 
 
-def _worker(rank, port, kind, backend, state, x1, x2, out_dir):
+def _init(rank, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+
+
+def _step_and_save(loss_fn, kind, head, x1, x2, path):
+    """This rank's loss and backward; the parameter gradients averaged over ranks, as
+    DistributedDataParallel does; loss, gradients and the embedding's gradient saved to path."""
+    loss, (z1, _) = _forward(loss_fn, kind, head, x1, x2)
+    z1.retain_grad()
+    loss.backward()
+    grads = [p.grad.clone() for p in head.parameters()]
+    for g in grads:
+        dist.all_reduce(g)
+        g /= WORLD
+    torch.save({"loss": loss.detach(), "grads": grads, "z1_grad": z1.grad}, path)
+
+
+def _check_ranks(out_dir, loss_fn, kind, head, x1, x2, sizes):
+    """Every rank's saved result against one process on the concatenated rows (rank r held
+    sizes[r] rows, in rank order)."""
+    loss, (z1, _) = _forward(loss_fn, kind, head, x1[:sum(sizes)], x2[:sum(sizes)])
+    z1.retain_grad()
+    loss.backward()
+    scale = max(p.grad.abs().max().item() for p in head.parameters())  # the bias gradient is ~0
+    for rank in range(WORLD):
+        got = torch.load(out_dir / f"{rank}.pt")
+        assert torch.allclose(got["loss"], loss.detach(), rtol=1e-5), (sizes, got["loss"], loss)
+        for g_dist, p in zip(got["grads"], head.parameters()):
+            assert torch.allclose(g_dist, p.grad, rtol=1e-4, atol=1e-5 * scale), sizes
+        # each rank's embedding gradient is world_size * dL/d(its slice), as the official gather gives
+        start = sum(sizes[:rank])
+        expect = WORLD * z1.grad[start:start + sizes[rank]]
+        assert got["z1_grad"].shape == expect.shape
+        assert torch.allclose(got["z1_grad"], expect, rtol=1e-4, atol=1e-6 * expect.abs().max().item())
+
+
+def _worker(rank, port, kind, backend, state, x1, x2, out_dir):
+    _init(rank, port)
     try:
         head = torch.nn.Linear(x1.shape[1], 24)
         head.load_state_dict(state)
         n = x1.shape[0] // WORLD
         sl = slice(rank * n, (rank + 1) * n)
-        loss, (z1, z2) = _forward(_make_loss(kind, backend), kind, head, x1[sl], x2[sl])
-        z1.retain_grad()
-        loss.backward()
-        # what DistributedDataParallel does with parameter gradients: average over ranks
-        grads = [p.grad.clone() for p in head.parameters()]
-        for g in grads:
-            dist.all_reduce(g)
-            g /= WORLD
-        torch.save({"loss": loss.detach(), "grads": grads, "z1_grad": z1.grad}, os.path.join(out_dir, f"{rank}.pt"))
+        _step_and_save(_make_loss(kind, backend), kind, head, x1[sl], x2[sl], os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -68,27 +96,13 @@ def test_gather_distributed_matches_single_process(tmp_path, kind, backend):
 
     mp.spawn(_worker, args=(_free_port(), kind, backend, state, x1, x2, str(tmp_path)), nprocs=WORLD, join=True)
 
-    loss_fn = _make_loss(kind, backend)  # no process group here: the gather is the identity
-    x1s = x1.clone()
-    loss, (z1, _) = _forward(loss_fn, kind, head, x1s, x2)
-    z1.retain_grad()
-    loss.backward()
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"{rank}.pt")
-        assert torch.allclose(got["loss"], loss.detach(), rtol=1e-5), (got["loss"], loss)
-        scale = max(p.grad.abs().max().item() for p in head.parameters())  # the bias gradient is ~0
-        for g_dist, p in zip(got["grads"], head.parameters()):
-            assert torch.allclose(g_dist, p.grad, rtol=1e-4, atol=1e-5 * scale)
-        # each rank's embedding gradient is world_size * dL/d(its slice), as the official gather gives
-        n = b // WORLD
-        expect = WORLD * z1.grad[rank * n:(rank + 1) * n]
-        assert torch.allclose(got["z1_grad"], expect, rtol=1e-4, atol=1e-6 * expect.abs().max().item())
+    # no process group here: the gather is the identity
+    _check_ranks(tmp_path, _make_loss(kind, backend), kind, head, x1, x2, [b // WORLD] * WORLD)
 
 
 def _uneven_worker(rank, port, state, x1, x2, sizes, out_dir):
     """Two loss calls: equal local batches first, then the sizes given (which may differ)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    _init(rank, port)
     try:
         head = torch.nn.Linear(x1.shape[1], 24)
         head.load_state_dict(state)
@@ -99,14 +113,7 @@ def _uneven_worker(rank, port, state, x1, x2, sizes, out_dir):
         head.zero_grad()
         start = sum(sizes[:rank])
         sl = slice(start, start + sizes[rank])
-        loss, (z1, _) = _forward(loss_fn, "mlvicx", head, x1[sl], x2[sl])
-        z1.retain_grad()
-        loss.backward()
-        grads = [p.grad.clone() for p in head.parameters()]
-        for g in grads:
-            dist.all_reduce(g)
-            g /= WORLD
-        torch.save({"loss": loss.detach(), "grads": grads, "z1_grad": z1.grad}, os.path.join(out_dir, f"{rank}.pt"))
+        _step_and_save(loss_fn, "mlvicx", head, x1[sl], x2[sl], os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -123,25 +130,11 @@ def test_gather_uneven_local_batches(tmp_path, sizes):
 
     mp.spawn(_uneven_worker, args=(_free_port(), state, x1, x2, sizes, str(tmp_path)), nprocs=WORLD, join=True)
 
-    n = sum(sizes)
-    loss, (z1, _) = _forward(_make_loss("mlvicx", "torch"), "mlvicx", head, x1[:n], x2[:n])
-    z1.retain_grad()
-    loss.backward()
-    scale = max(p.grad.abs().max().item() for p in head.parameters())
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"{rank}.pt")
-        assert torch.allclose(got["loss"], loss.detach(), rtol=1e-5), (sizes, got["loss"], loss)
-        for g_dist, p in zip(got["grads"], head.parameters()):
-            assert torch.allclose(g_dist, p.grad, rtol=1e-4, atol=1e-5 * scale), sizes
-        start = sum(sizes[:rank])
-        expect = WORLD * z1.grad[start:start + sizes[rank]]
-        assert got["z1_grad"].shape == expect.shape
-        assert torch.allclose(got["z1_grad"], expect, rtol=1e-4, atol=1e-6 * expect.abs().max().item())
+    _check_ranks(tmp_path, _make_loss("mlvicx", "torch"), "mlvicx", head, x1, x2, sizes)
 
 
 def _mismatch_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    _init(rank, port)
     try:
         z = torch.randn(4, 8 + rank)  # rank 1's embeddings are wider
         try:
