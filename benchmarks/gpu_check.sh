@@ -28,7 +28,7 @@ RESERVE_S=20   # kept back for the targets table, run_all.py and the archive
 skipped=""
 
 # STAGES picks stages by name (default: all); they run in the order of the stage lines below
-STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step bench_aggregate train_smoke bench_augment profile_step bench_optim bench_network profile_loss"}
+STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step bench_aggregate train_smoke bench_augment profile_step bench_optim bench_network profile_loss bench_step_compile"}
 stage() {  # stage NAME SECONDS command...: run with a limit, log to $RES/NAME.log, keep going
   local name=$1 limit=$2
   shift 2
@@ -93,6 +93,9 @@ stage bench_optim 40 python3 benchmarks/bench_optim.py
 stage bench_network 40 python3 benchmarks/bench_network.py --batches 64,256
 # 11. where the loss's time goes at the small shape (host and GPU)
 stage profile_loss 40 python3 benchmarks/profile_loss.py --shape 64x2048
+# 12. ours and bare with torch.compile inside the CUDA graph (the first step compiles: minutes)
+stage bench_step_compile 240 python3 benchmarks/bench_step.py --batches 64 256 --providers bare ours --compile \
+  --name bench_step_compile
 
 echo "== targets"
 python3 benchmarks/targets.py --dir benchmarks/out | tee "$RES/targets.md"
