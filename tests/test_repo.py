@@ -22,3 +22,16 @@ def test_setup_script_help_and_bad_option():
     assert ok.returncode == 0 and "--dev" in ok.stdout
     bad = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--gpu"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option '--gpu'" in bad.stderr
+
+
+def test_gpu_check_default_stages_are_its_stage_lines_in_order():
+    """gpu_check.sh's default STAGES list names every stage line, in the order they run: a stage
+    missing from the list would never run in the one device call a session gets."""
+    import re
+
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    default = re.search(r'^STAGES=\$\{STAGES:-"([^"]*)"\}', script, re.M)
+    assert default, "no default STAGES line in gpu_check.sh"
+    lines = re.findall(r"^stage (\w+) \d+ ", script, re.M)
+    assert lines and default.group(1).split() == lines, (default.group(1).split(), lines)
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
