@@ -1,6 +1,8 @@
 """Atomic checkpoints: keep-last-k, RNG round trip, and a process killed mid-write."""
+import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -79,3 +81,13 @@ def test_killed_while_writing_leaves_previous_loadable(tmp_path):
     assert state["step"] == 1 and torch.equal(state["w"], first)
     mgr.save(3, {"step": 3})  # the next save clears the leftover
     assert not list(tmp_path.glob(".ckpt-*.tmp"))
+
+
+def test_saved_files_get_the_usual_mode(tmp_path):
+    """mkstemp creates 0600 files; a checkpoint is readable as any file the user writes."""
+    mask = os.umask(0o022)
+    try:
+        path = atomic_save({"x": torch.randn(3)}, tmp_path / "a.pt")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
