@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -64,7 +64,7 @@ class Config:
     lambda_: float = field(default=1.0, metadata=dict(
         flag="--lambda", help="weight of the multi-level loss (0: plain VICReg, global only)"))
     global_weight: float = field(default=1.0, metadata=dict(help="weight of the global loss (0: multi-level only)"))
-    image_size: int = field(default=0, metadata=dict(help="view side in pixels (0: 224 on GPU, 128 on CPU)"))
+    image_size: int = field(default=0, metadata=dict(help="view side in pixels (0: 224; 128 for the built-in default on a CPU)"))
     in_chans: int = field(default=3, metadata=dict(choices=[1, 3], help="network input channels (3: gray replicated)"))
     precision: str = field(default="auto", metadata=dict(
         choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision (auto: bf16 on GPU, fp32 on CPU)"))
@@ -74,14 +74,14 @@ class Config:
         help="capture the whole step in one CUDA graph (default: on GPU)"))
     channels_last: bool = field(default=True, metadata=dict(
         help="channels_last memory format (on by default: on 2 CPU cores too, the built-in step is ~15%% faster)"))
-    workers: int = field(default=0, metadata=dict(help="loader worker threads (0: all cores)"))
+    workers: int = field(default=0, metadata=dict(help="FFCV loader threads for .beton data (0: torch's thread count, at most 8)"))
     out: str = field(default="", metadata=dict(help="run folder (default: runs/<date>-<time>)"))
     resume: str = field(default="", metadata=dict(help="run folder or checkpoint to continue exactly"))
     seed: int = field(default=0, metadata=dict(help="seed of data order, augmentation and initialisation"))
     max_steps: int = field(default=0, metadata=dict(
         help="stop after this many steps in total (0: all epochs); the lr schedule still spans --epochs"))
     ckpt_every: int = field(default=0, metadata=dict(help="also checkpoint every N steps (0: only every epoch)"))
-    keep: int = field(default=3, metadata=dict(help="step checkpoints kept"))
+    keep: int = field(default=3, metadata=dict(help="checkpoints kept in the run folder (epoch and step ones, newest first)"))
     log_every: int = field(default=0, metadata=dict(help="steps between loss reads (a host sync) (0: 1 on CPU, 10 on GPU)"))
     device: str = field(default="auto", metadata=dict(help="cuda, cpu or auto"))
     backend: str = field(default="auto", metadata=dict(
@@ -130,14 +130,44 @@ def read_config_file(path: str) -> Dict[str, Any]:
         raw = yaml.safe_load(p.read_text()) or {}
     else:
         raise SystemExit(f"train: config file {path} must end in .toml, .yaml or .yml")
-    names = {f.name.rstrip("_"): f.name for f in dataclasses.fields(Config)}
+    fields = {f.name: f for f in dataclasses.fields(Config) if f.name != "config"}
+    names = {**{n.rstrip("_"): n for n in fields}, **{n: n for n in fields}}
     out = {}
     for key, value in raw.items():
         name = names.get(key.replace("-", "_"))
-        if name is None or name == "config":
-            raise SystemExit(f"train: unknown key {key!r} in {path}; known keys: {', '.join(sorted(names))}")
-        out[name] = value
+        if name is None:
+            known = ", ".join(sorted(n.rstrip("_") for n in fields))
+            raise SystemExit(f"train: unknown key {key!r} in {path}; known keys: {known}")
+        out[name] = _config_value(fields[name], key, value, path)
     return out
+
+
+def _config_value(f: dataclasses.Field, key: str, value: Any, path: str) -> Any:
+    """value checked as the command line checks it: its type (a number written as a string, as
+    YAML reads 1e-3, is converted) and its choices."""
+    kind = str(f.type)
+    if value is None and kind.startswith("Optional"):
+        return None
+    if "bool" in kind:
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif "float" in kind:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif kind == "int":
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    else:
+        ok, wanted = isinstance(value, str), "a string"
+    choices = f.metadata.get("choices")
+    if ok and choices and value not in choices:
+        ok, wanted = False, "one of " + ", ".join(map(str, choices))
+    if not ok:
+        raise SystemExit(f"train: {key} = {value!r} in {path}: expected {wanted}")
+    return value
 
 
 def parse_config(argv: Optional[List[str]] = None) -> Config:
@@ -333,20 +363,24 @@ class RunLog:
     STEP_COLUMNS = ["step", "epoch", "lr", "loss", *TERMS, "pairs_per_s", "elapsed_s"]
 
     def __init__(self, run: Path, resume: bool):
-        mode = "a" if resume else "w"
-        self._steps = open(run / "log.csv", mode, newline="")
-        self._epochs = open(run / "epochs.csv", mode, newline="")
-        self.steps = csv.DictWriter(self._steps, fieldnames=self.STEP_COLUMNS, extrasaction="ignore")
-        self.epochs = csv.DictWriter(self._epochs, fieldnames=["epoch", "steps", "mean_loss", "seconds"])
-        if not resume:
-            self.steps.writeheader()
-            self.epochs.writeheader()
+        """resume: append to the run's files (a resumed run in a new --out folder starts them)."""
+        self._steps, self.steps = self._open(run / "log.csv", self.STEP_COLUMNS, resume)
+        self._epochs, self.epochs = self._open(run / "epochs.csv", ["epoch", "steps", "mean_loss", "seconds"], resume)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run / "tensorboard"))
         except Exception:  # noqa: BLE001 - tensorboard is optional
             self.tb = None
+
+    @staticmethod
+    def _open(path: Path, columns: List[str], append: bool):
+        append = append and path.is_file() and path.stat().st_size > 0
+        f = open(path, "a" if append else "w", newline="")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if not append:
+            writer.writeheader()
+        return f, writer
 
     def step(self, row: Dict[str, float]) -> None:
         self.steps.writerow(row)
@@ -401,19 +435,55 @@ def plot_losses(run: Path) -> Optional[Path]:
 # --------------------------------------------------------------------------------------------
 # Resume
 # --------------------------------------------------------------------------------------------
-# options that may change when a run is continued; everything else comes from the checkpoint
-RESUME_OVERRIDES = ("resume", "out", "max_steps", "workers", "log_every", "ckpt_every", "keep", "device")
+# options that may change when a run is continued (when given); everything else comes from the
+# checkpoint. The last four change how a step runs, not what it computes (precision changes its
+# rounding): a run moved from a GPU to a CPU needs them.
+RESUME_OVERRIDES = ("resume", "out", "max_steps", "workers", "log_every", "ckpt_every", "keep", "device",
+                    "cuda_graph", "compile", "channels_last", "precision")
 
 
-def find_checkpoint(path: str) -> Path:
+def find_checkpoint(path: str) -> Tuple[Path, Dict[str, Any]]:
+    """(path, state) of the checkpoint --resume names: a .pt file, or a run folder's newest
+    checkpoint that loads (a damaged newer one is reported and passed over)."""
     p = Path(path)
     if p.is_file():
-        return p
-    found = CheckpointManager(p / "checkpoints").list() if p.is_dir() else []
-    if not found:
-        raise SystemExit(f"train: --resume {path}: no checkpoint there (expected a .pt file or a run folder "
-                         "with checkpoints/ckpt-*.pt)")
-    return found[-1][1]
+        return p, load(p)
+    manager = CheckpointManager(p / "checkpoints")
+    found = manager.list() if p.is_dir() else []
+    good = manager.load_latest() if found else None
+    if good is None:
+        raise SystemExit(f"train: --resume {path}: no checkpoint there that loads (expected a .pt file or a run "
+                         "folder with checkpoints/ckpt-*.pt)")
+    if good[0] != found[-1][1]:
+        say(f"--resume: {found[-1][1]} does not load (damaged?); using {good[0]}, the newest that does")
+    return good
+
+
+def run_folder_of(ckpt: Path) -> Optional[Path]:
+    """The run folder a checkpoint belongs to (run/checkpoints/ckpt-*.pt), or None."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def resume_config(cfg: Config, argv: Optional[List[str]], ckpt_path: Path, saved: Dict[str, Any]) -> Config:
+    """The saved run's configuration, with the RESUME_OVERRIDES given on the command line or in
+    the config file. The run folder is the checkpoint's own unless --out names another."""
+    given = set(vars(build_parser().parse_args(argv)))
+    if cfg.config:
+        given |= set(read_config_file(cfg.config))
+    names = {f.name: _flag(f) for f in dataclasses.fields(Config)}
+    ignored = sorted(given - set(RESUME_OVERRIDES) - {"config"})
+    if ignored:
+        say(f"--resume keeps the run's own settings; ignoring {', '.join(names[k] for k in ignored)}")
+    out = dict(saved, **{k: getattr(cfg, k) for k in RESUME_OVERRIDES if k in given})
+    if "out" not in given:
+        folder = run_folder_of(ckpt_path)
+        out["out"] = str(folder) if folder is not None else saved["out"]
+    device = out["device"]
+    if out["cuda_graph"] and "cuda_graph" not in given and not (
+            device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
+        say("--resume: this machine has no CUDA device; continuing without the run's CUDA graph")
+        out["cuda_graph"] = False
+    return Config(**out)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -424,15 +494,16 @@ class Interrupted(Exception):
     pass
 
 
-def first_non_finite(steps: List[int], values: torch.Tensor) -> Optional[str]:
-    """values: (k, 7) = loss and the six terms of k steps. A message naming the first bad step/term."""
+def first_non_finite(steps: List[int], values: torch.Tensor) -> Tuple[int, Optional[str]]:
+    """values: (k, 7) = loss and the six terms of k steps. (index of the first bad step, a message
+    naming it and its bad terms), or (k, None) when every value is finite."""
     bad = ~torch.isfinite(values)
     if not bool(bad.any()):
-        return None
+        return len(steps), None
     row = int(bad.any(dim=1).nonzero()[0])
     names = [name for name, b in zip(("loss", *TERMS), bad[row].tolist()) if b]
     detail = ", ".join(f"{n} = {values[row, i].item()}" for i, n in enumerate(("loss", *TERMS)) if n in names)
-    return f"non-finite loss at step {steps[row]} ({detail})"
+    return row, f"non-finite loss at step {steps[row]} ({detail})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,14 +513,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = parse_config(argv)
     resumed: Optional[Dict[str, Any]] = None
     if cfg.resume:
-        ckpt_path = find_checkpoint(cfg.resume)
-        resumed = load(ckpt_path)
-        saved = resumed["config"]
-        ignored = sorted(set(vars(build_parser().parse_args(argv))) - set(RESUME_OVERRIDES) - {"config"})
-        if ignored:
-            say(f"--resume keeps the run's own settings; ignoring {', '.join('--' + k for k in ignored)}")
-        keep = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
-        cfg = Config(**{**saved, **{k: v for k, v in keep.items() if v not in (None, "", 0)}})
+        ckpt_path, resumed = find_checkpoint(cfg.resume)
+        cfg = resume_config(cfg, argv, ckpt_path, resumed["config"])
     cfg = resolve(cfg)
     rank, world = setup_distributed(cfg)
     if world > 1 and cfg.cuda_graph:
@@ -482,6 +547,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     ckpts = CheckpointManager(run / "checkpoints", keep=cfg.keep)
+    if resumed is not None and is_main():
+        # resuming from an older checkpoint of this folder: its later ones belong to the
+        # continuation being replaced; moved aside, they neither crowd out the new ones when
+        # --keep prunes nor get picked by a later --resume
+        later = [path for s, path in ckpts.list() if s > resumed["step"]]
+        if later:
+            aside = ckpts.folder / f"abandoned-after-{resumed['step']:08d}"
+            aside.mkdir(exist_ok=True)
+            for path in later:
+                path.rename(aside / path.name)
+            say(f"--resume from step {resumed['step']}: moved the {len(later)} later checkpoints to {aside}")
 
     # network, loss, optimiser, and the step that uses them
     parts = build_training(cfg, device, world)
@@ -559,23 +635,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                 pending_steps.append(step)
                 pending_lrs.append(lr)
                 pending.append(values)
-                end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-                ckpt_due = end_of_epoch or (cfg.ckpt_every and step % cfg.ckpt_every == 0) or stop["requested"]
+                end_of_epoch = step % steps_per_epoch == 0
+                ckpt_due = (end_of_epoch or step == total_steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+                            or stop["requested"])
                 if len(pending) >= cfg.log_every or ckpt_due:
                     vals = torch.stack(pending).cpu()  # absent terms are 0 (see build_training's step)
-                    problem = first_non_finite(pending_steps, vals)
-                    if problem:
-                        raise NonFiniteLoss(problem)
+                    good, problem = first_non_finite(pending_steps, vals)
                     now = time.perf_counter()
                     rate = (step - steps_last) * cfg.batch_size / max(now - t_last, 1e-9)
                     t_last, steps_last = now, step
-                    for s, lr_s, v in zip(pending_steps, pending_lrs, vals.tolist()):
+                    for s, lr_s, v in zip(pending_steps[:good], pending_lrs, vals[:good].tolist()):
                         epoch_losses.append(v[0])
                         if log is not None:
                             row = dict(step=s, epoch=(s - 1) // steps_per_epoch, lr=lr_s, loss=v[0],
                                        pairs_per_s=rate, elapsed_s=now - start)
                             row.update({k: (x if p else "") for k, x, p in zip(TERMS, v[1:], present)})
                             log.step(row)
+                    if problem:  # the finite steps before it are logged
+                        raise NonFiniteLoss(problem)
                     last = vals[-1].tolist()
                     bar.set_postfix(refresh=False, loss=f"{last[0]:.3f}", inv=f"{last[1]:.3g}", var=f"{last[2]:.3g}",
                                     cov=f"{last[3]:.3g}", pairs_s=f"{rate:.0f}")

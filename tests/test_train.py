@@ -1,5 +1,6 @@
 """python -m mlvicx_fast.train: options, run folder, exact resume, NaN stop, Ctrl-C, DDP on gloo."""
 import csv
+import dataclasses
 import os
 import re
 import signal
@@ -54,7 +55,18 @@ def test_config_file_then_command_line(tmp_path):
     bad.write_text("batchsize = 4\n")
     with pytest.raises(SystemExit, match=r"unknown key 'batchsize' in .*bad.toml"):
         train.parse_config(["--config", str(bad)])
+    for text, match in (('preset = "Official"\n', r"preset = 'Official' in .*: expected one of paper, official"),
+                        ("in-chans = 2\n", r"in-chans = 2 in .*: expected one of 1, 3"),
+                        ('cuda-graph = "no"\n', r"cuda-graph = 'no' in .*: expected true or false"),
+                        ('epochs = "many"\n', r"epochs = 'many' in .*: expected an integer")):
+        bad.write_text(text)
+        with pytest.raises(SystemExit, match=match):
+            train.parse_config(["--config", str(bad)])
     yaml = pytest.importorskip("yaml")
+    y = tmp_path / "lr.yaml"
+    y.write_text("lr: 1e-3\nlambda_: 0.25\n")  # YAML 1.1 reads 1e-3 as a string
+    cfg = train.parse_config(["--config", str(y)])
+    assert (cfg.lr, cfg.lambda_) == (0.001, 0.25)
     y = tmp_path / "run.yaml"
     y.write_text(yaml.safe_dump({"global_weight": 0.0, "seed": 5}))
     cfg = train.parse_config(["--config", str(y)])
@@ -103,6 +115,72 @@ def test_resume_continues_exactly(phantom_npy, tmp_path):
         assert a["loss"] == b["loss"] and a["lr"] == b["lr"], (a, b)  # bit for bit
 
 
+def test_resume_options_given_again_win_even_when_zero(phantom_npy, tmp_path):
+    """--max-steps 0 on resume lifts the first run's limit: the run goes on to its last epoch."""
+    run = tmp_path / "run"
+    assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "2", *TINY]) == 0
+    assert train.main(["--resume", str(run)]) == 0  # not given: the saved limit holds
+    assert [r["step"] for r in _rows(run)] == ["1", "2"]
+    assert train.main(["--resume", str(run), "--max-steps", "0"]) == 0
+    last = load(run / "final.pt")["step"]
+    assert last > 2 and [int(r["step"]) for r in _rows(run)] == list(range(1, last + 1))
+
+
+def test_resume_of_a_gpu_run_on_a_cpu(tmp_path, capsys):
+    """A run saved on a GPU (device cuda, CUDA graph, bf16) continues on a CPU with --device cpu;
+    the graph is dropped with a message, and the speed settings may be given again."""
+    saved = dataclasses.asdict(train.resolve(train.Config(device="cpu")))
+    saved.update(device="cuda", cuda_graph=True, precision="bf16", out=str(tmp_path / "elsewhere"))
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-00000010.pt"
+    argv = ["--resume", str(ckpt), "--device", "cpu", "--precision", "fp32", "--epochs", "9"]
+    cfg = train.resume_config(train.parse_config(argv), argv, ckpt, saved)
+    assert (cfg.device, cfg.cuda_graph, cfg.precision, cfg.epochs) == ("cpu", False, "fp32", saved["epochs"])
+    assert cfg.out == str(tmp_path / "run")  # the checkpoint's own run folder
+    out = capsys.readouterr().out
+    assert "continuing without the run's CUDA graph" in out and "ignoring --epochs" in out
+    assert train.resolve(cfg).cuda_graph is False
+
+
+def test_resume_writes_into_the_folder_it_continues(phantom_npy, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "2", *TINY]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert train.main(["--resume", str(copy), "--max-steps", "3"]) == 0
+    assert [r["step"] for r in _rows(copy)] == ["1", "2", "3"]
+    assert [r["step"] for r in _rows(run)] == ["1", "2"]  # the original is untouched
+    # a new --out folder starts its own log (with its header) and ends with a plot
+    new = tmp_path / "new"
+    assert train.main(["--resume", str(copy / "checkpoints" / "ckpt-00000002.pt"), "--out", str(new),
+                       "--max-steps", "4"]) == 0
+    assert [r["step"] for r in _rows(new)] == ["3", "4"] and (new / "loss.png").is_file()
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(phantom_npy, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "4", "--ckpt-every", "1",
+                       "--keep", "2", *TINY]) == 0
+    assert train.main(["--resume", str(run / "checkpoints" / "ckpt-00000003.pt"), "--max-steps", "4"]) == 0
+    assert "moved the 1 later checkpoints" in capsys.readouterr().out
+    assert [p.name for p in sorted((run / "checkpoints").glob("ckpt-*.pt"))] == ["ckpt-00000003.pt",
+                                                                                "ckpt-00000004.pt"]
+    assert (run / "checkpoints" / "abandoned-after-00000003" / "ckpt-00000004.pt").is_file()
+
+
+def test_resume_passes_over_a_damaged_newest_checkpoint(phantom_npy, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "3", "--ckpt-every", "1",
+                       *TINY]) == 0
+    newest = run / "checkpoints" / "ckpt-00000003.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short, as by a copy that stopped
+    assert train.main(["--resume", str(run), "--max-steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "ckpt-00000003.pt does not load" in out and "ckpt-00000002.pt" in out
+    assert [r["step"] for r in _rows(run)][-2:] == ["3", "4"]
+
+
 def test_non_finite_loss_stops_naming_step_and_term(phantom_npy, tmp_path, monkeypatch, capsys):
     class Poisoned(train.MLVICXLoss):
         calls = 0
@@ -124,6 +202,13 @@ def test_non_finite_loss_stops_naming_step_and_term(phantom_npy, tmp_path, monke
     assert "last good checkpoint:" in out and "ckpt-00000002.pt" in out
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "ckpt-00000002.pt"
     assert not (run / "final.pt").exists()
+
+    # losses read five steps at a time: the two finite steps before the bad one are still logged
+    Poisoned.calls = 0
+    run = tmp_path / "run5"
+    code = train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "5", *TINY, "--log-every", "5"])
+    assert code == 1 and "non-finite loss at step 3" in capsys.readouterr().out
+    assert [r["step"] for r in _rows(run)] == ["1", "2"]
 
 
 def test_ctrl_c_saves_and_exits(phantom_npy, tmp_path):
