@@ -276,7 +276,8 @@ class PreparedLoader:
                     m = F.interpolate(m, size=(self.size, self.size), mode="nearest")
                 out = (x, m)
             # index: the rows of <split>_index.csv in this batch
-            yield (*out, index.reshape(-1).long()) if self.with_index else out
+            # (a copy: FFCV reuses the buffer it decoded the indices into for later batches)
+            yield (*out, index.reshape(-1).clone().long()) if self.with_index else out
 
     def _two_views(self, img, gen, img_b, views=2):
         from ..ops.augment import P_H, P_W, P_X0, P_Y0, as_gray
