@@ -625,12 +625,15 @@ def _versions() -> Dict[str, str]:
 
 
 
-def _check_protocols_and_epochs(protocols, epochs: int) -> None:
+def _check_protocols_and_epochs(protocols, epochs: int, patience: int) -> None:
+    """Before any work (features are extracted before the first epoch)."""
     for p in protocols:
         if p not in PROTOCOLS:
             raise EvaluationError(f"unknown protocol {p!r}; expected one of {PROTOCOLS}")
     if epochs < 1:
         raise EvaluationError(f"epochs must be >= 1, got {epochs}")
+    if patience < 1:
+        raise EvaluationError(f"patience must be >= 1 epoch, got {patience}")
 
 def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fractions: Sequence[float] = CLS_FRACTIONS,
             seeds: Sequence[int] = (0, 1, 2), *, with_context: bool = False, in_chans: Optional[int] = None,
@@ -650,7 +653,7 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
     if prepared.task not in ("multilabel", "binary"):
         raise EvaluationError(f"{prepared.folder} holds a {prepared.task!r} dataset ({prepared.dataset}); "
                               "evaluate cls needs NIH, VinBig or RSNA (use evaluate seg for SIIM)")
-    _check_protocols_and_epochs(protocols, epochs)
+    _check_protocols_and_epochs(protocols, epochs, patience)
     pairs = _normalise_methods(methods)
     fractions = [float(f) for f in fractions]
     for f in fractions:
@@ -891,7 +894,7 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
     if prepared.task != "segmentation":
         raise EvaluationError(f"{prepared.folder} holds a {prepared.task!r} dataset ({prepared.dataset}); "
                               "evaluate seg needs prepared SIIM-ACR masks")
-    _check_protocols_and_epochs(protocols, epochs)
+    _check_protocols_and_epochs(protocols, epochs, patience)
     if image_size is not None and image_size % 32:
         raise EvaluationError(f"--image-size must be a multiple of 32 for the U-Net, got {image_size}")
     pairs = _normalise_methods(methods)

@@ -137,6 +137,10 @@ def test_cli_errors_name_the_bad_input(tmp_path, phantom, capsys):
     code = ev.main(["cls", "--data", str(phantom / "nih"), "--ckpt", "random", "--fractions", "0", "--out",
                     str(tmp_path / "o")])
     assert code == 2 and "label fraction must be in (0, 100] percent, got 0" in capsys.readouterr().err
+    for command, data in (("cls", "nih"), ("seg", "siim")):
+        code = ev.main([command, "--data", str(phantom / data), "--ckpt", "random", "--patience", "0", "--out",
+                        str(tmp_path / "o")])
+        assert code == 2 and "patience must be >= 1 epoch, got 0" in capsys.readouterr().err, command
 
 
 def test_data_folder_hint(phantom):
