@@ -14,8 +14,9 @@ labels; SIIM also its RLE rows) plus the class names. Nothing is decoded here; `
 
 Splits: NIH keeps the official test list; its train_val list is divided into train and val by
 patient (seeded). VinBig and RSNA ship one labelled set; it is divided into train/val/test at
-random (seeded). SIIM: all positive images and as many negatives (seeded draw), then a seeded 20%
-validation split. A label file without its required columns, a label name outside the known
+random (seeded). SIIM: as many positive as negative images, the larger group drawn down to the
+smaller (seeded; before missing files are dropped, so the kept set can end slightly uneven), then
+a seeded 20% validation split. A label file without its required columns, a label name outside the known
 set, or a malformed value stops with an error naming the file, the line and what was expected.
 """
 from __future__ import annotations

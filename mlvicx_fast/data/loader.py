@@ -116,7 +116,8 @@ class _NpyBatches:
         idx = self.indices
         if self.shuffle:
             idx = idx[np.random.default_rng((self.seed, self.epoch)).permutation(len(idx))]
-        if self.world_size > 1:  # every rank the same number of rows, interleaved as DistributedSampler
+        if self.world_size > 1:  # interleaved as DistributedSampler, but the last len % world rows are
+            # left out rather than padded by repeating rows: every rank the same number of rows
             idx = idx[:len(idx) - len(idx) % self.world_size][self.rank::self.world_size]
         self.epoch += 1
         for b in range(len(self)):
@@ -225,7 +226,8 @@ class PreparedLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch `epoch`: its order and augmentation draws, as in an
-        uninterrupted run (what resuming a training run needs)."""
+        uninterrupted run (what resuming a training run needs). With crop='cpu' only the order:
+        FFCV's crop decoder draws from numba's own, unseeded generator."""
         self.epoch = epoch
         if self.ffcv:
             self._it.next_epoch = epoch
