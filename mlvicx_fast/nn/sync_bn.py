@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -44,8 +43,7 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if not (self.training and distributed):
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                self.training or not self.track_running_stats, self.momentum or 0.0, self.eps)
+            return super().forward(x)  # torch's own BatchNorm (num_batches_tracked, momentum=None)
         dims = [0] + list(range(2, x.dim()))
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         count = torch.tensor([x.numel() / x.shape[1]], dtype=xf.dtype)
