@@ -22,7 +22,9 @@ def progress(iterable=None, **kwargs) -> tqdm:
     isatty = getattr(stream, "isatty", None)
     if not (callable(isatty) and isatty()):
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
-        # tqdm's monitor thread redraws a bar that has been quiet for maxinterval (10 s): without
-        # this a log still got a line every 10-20 s (seen in the main command's redirected output)
-        kwargs.setdefault("maxinterval", max(kwargs["mininterval"], 10.0))
+        # tqdm's monitor thread redraws a bar that has been quiet for maxinterval (10 s): with its
+        # default a log still got a line every 10-20 s, with maxinterval = mininterval an extra
+        # line now and then (the monitor and the next update both drawing); at twice it only
+        # draws a bar whose steps take longer than that
+        kwargs.setdefault("maxinterval", max(2 * kwargs["mininterval"], 10.0))
     return tqdm(iterable, **kwargs)
