@@ -273,7 +273,10 @@ def build_training(cfg: Config, device: torch.device, world: int = 1) -> Trainin
         model = model.to(memory_format=torch.channels_last)
     net: torch.nn.Module = TwoViews(model)
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradients as views of DDP's all-reduce buckets (torch's docs: no copy between gradients
+        # and buckets, less peak memory); the gradients stay allocated (zero_grad set_to_none=False)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        gradient_as_bucket_view=True)
     loss_fn = MLVICXLoss(lambda_=cfg.lambda_, global_weight=cfg.global_weight, gather_distributed=world > 1,
                          backend="auto")
     lr = torch.zeros((), device=device)  # a tensor, so a captured CUDA graph sees each step's value
@@ -686,7 +689,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             log.close()
         if world > 1:
             dist.destroy_process_group()
-    if is_main() and status == 0:
+    if rank == 0 and status == 0:  # (after destroy_process_group every process counts as main)
         plot = plot_losses(run)
         say(f"done: {step} steps; run folder {run} (final.pt, log.csv{', loss.png' if plot else ''})")
     return status

@@ -291,6 +291,23 @@ def test_two_gloo_processes_take_the_single_process_step(tmp_path):
             assert torch.equal(after[k], got["after"][k]), k
 
 
+@pytest.mark.distributed
+def test_torchrun_two_cpu_processes_end_to_end(phantom_npy, tmp_path):
+    """The README's torchrun command on two CPU processes: one run folder, written by rank 0 alone."""
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(_free_port()), "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out", str(run),
+                        "--max-steps", "3", "--ckpt-every", "2", *TINY],
+                       capture_output=True, text=True, timeout=300, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert out.count("[train] done: 3 steps") == 1, out[-3000:]  # every process used to print it (and plot)
+    assert [row["step"] for row in _rows(run)] == ["1", "2", "3"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    assert load(run / "final.pt")["step"] == 3 and (run / "loss.png").is_file()
+
+
 @pytest.mark.parametrize("flag, absent", [("--lambda", "multi"), ("--global-weight", "global")])
 def test_ablation_flags_drop_one_loss(phantom_npy, tmp_path, flag, absent):
     run = tmp_path / "run"
