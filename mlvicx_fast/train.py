@@ -582,15 +582,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_step = GraphedStep(parts.step, model, opt)
 
     log = RunLog(run, resume=resumed is not None) if is_main() else None
-    stop = {"requested": False}
+    stop = {"requested": 0}  # the signal number asked to stop with, 0 for none
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
+        """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption; torchrun passes Ctrl-C on to its
+        processes as SIGTERM): finish the step, save, stop. A second Ctrl-C quits at once."""
         if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        say("interrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to quit now)")
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        stop["requested"] = signum
+        say(f"{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping "
+            "(Ctrl-C again to quit now)")
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop_agreed(sync_point: bool) -> bool:
+        """Whether to stop after this step. With several processes they decide together, at steps
+        they all reach (the loss reads and checkpoints), so all stop after the same step; a signal
+        seen by one process stops them all."""
+        if world == 1:
+            return bool(stop["requested"])
+        if not sync_point:
+            return False
+        flag = torch.tensor([float(stop["requested"])], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop["requested"] = stop["requested"] or int(flag.item())
+        return bool(flag.item())
 
     def weights_state() -> Dict[str, Any]:
         """What evaluation needs (final.pt); step checkpoints add what resuming needs."""
@@ -639,8 +657,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 pending_lrs.append(lr)
                 pending.append(values)
                 end_of_epoch = step % steps_per_epoch == 0
-                ckpt_due = (end_of_epoch or step == total_steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-                            or stop["requested"])
+                ckpt_due = end_of_epoch or step == total_steps or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0)
+                stopping = stop_agreed(ckpt_due or len(pending) >= cfg.log_every)
+                ckpt_due = ckpt_due or stopping
                 if len(pending) >= cfg.log_every or ckpt_due:
                     vals = torch.stack(pending).cpu()  # absent terms are 0 (see build_training's step)
                     good, problem = first_non_finite(pending_steps, vals)
@@ -662,13 +681,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                     bar.update(len(pending))
                     pending_steps, pending_lrs, pending = [], [], []
                 if ckpt_due:
-                    path = save("interrupt" if stop["requested"] else "epoch" if end_of_epoch else "step")
+                    path = save("interrupt" if stopping else "epoch" if end_of_epoch else "step")
                     if end_of_epoch and log is not None:
                         log.epoch(dict(epoch=(step - 1) // steps_per_epoch, steps=len(epoch_losses),
                                        mean_loss=sum(epoch_losses) / max(len(epoch_losses), 1),
                                        seconds=time.perf_counter() - start))
                         epoch_losses = []
-                    if stop["requested"]:
+                    if stopping:
                         raise Interrupted(path)
                 if step >= total_steps or end_of_epoch:
                     break
@@ -681,10 +700,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         status = 1
     except Interrupted as e:
         say(f"interrupted at step {step}; saved {e.args[0]}; continue with --resume {run}")
-        status = 130
+        status = 128 + stop["requested"]  # 130 after Ctrl-C, 143 after SIGTERM
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         if log is not None:
             log.close()
         if world > 1:

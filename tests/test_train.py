@@ -232,6 +232,27 @@ def test_ctrl_c_saves_and_exits(phantom_npy, tmp_path):
     assert saved and load(saved[-1])["reason"] == "interrupt"
 
 
+def test_sigterm_saves_and_exits(phantom_npy, tmp_path):
+    """A scheduler's SIGTERM (preemption) is handled as Ctrl-C: save, then exit 143."""
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out", str(run),
+                             *TINY, "--epochs", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "log.csv").is_file() and len(_rows(run)) >= 2):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out
+    assert "SIGTERM: finishing this step" in out and "interrupted at step" in out
+    saved = sorted((run / "checkpoints").iterdir())
+    assert saved and load(saved[-1])["reason"] == "interrupt"
+
+
 # ------------------------------------------------------------------------------ DDP on gloo
 WORLD = 2
 
@@ -306,6 +327,52 @@ def test_torchrun_two_cpu_processes_end_to_end(phantom_npy, tmp_path):
     assert [row["step"] for row in _rows(run)] == ["1", "2", "3"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
     assert load(run / "final.pt")["step"] == 3 and (run / "loss.png").is_file()
+
+
+def _rank_pid(parent: int, rank: int) -> int:
+    """The pid of the torchrun worker with RANK=rank among parent's children."""
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    raise AssertionError(f"no worker with RANK={rank} under {parent}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm-to-rank-1"])
+def test_torchrun_stop_is_taken_by_every_process_after_the_same_step(phantom_npy, tmp_path, how):
+    """Ctrl-C in a terminal reaches torchrun and its processes at once (one process group), and
+    torchrun then sends its processes SIGTERM; a scheduler may signal one process only. Either
+    way the processes agree on one step and rank 0 saves it (a signal to rank 1 alone used to stop
+    rank 1 and leave rank 0 waiting in the next all-reduce, with nothing saved)."""
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                             str(_free_port()), "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out",
+                             str(run), *TINY, "--epochs", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not ((run / "log.csv").is_file() and len(_rows(run)) >= 2):
+            time.sleep(0.2)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert out.count("interrupted at step") == 1, out[-3000:]
+    step = int(re.search(r"interrupted at step (\d+)", out).group(1))
+    saved = sorted((run / "checkpoints").iterdir())
+    assert saved and load(saved[-1])["reason"] == "interrupt" and load(saved[-1])["step"] == step
+    assert int(_rows(run)[-1]["step"]) == step
 
 
 @pytest.mark.parametrize("flag, absent", [("--lambda", "multi"), ("--global-weight", "global")])
