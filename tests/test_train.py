@@ -211,44 +211,31 @@ def test_non_finite_loss_stops_naming_step_and_term(phantom_npy, tmp_path, monke
     assert [r["step"] for r in _rows(run)] == ["1", "2"]
 
 
-def test_ctrl_c_saves_and_exits(phantom_npy, tmp_path):
-    run = tmp_path / "run"
+def _start_and_wait(cmd, run, **popen):
+    """Start a training command; return once its log has two rows."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out", str(run),
-                             *TINY, "--epochs", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (
+            (run / "log.csv").is_file() and len(_rows(run)) >= 2):
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_signal_saves_and_exits(phantom_npy, tmp_path, sig, code):
+    """Ctrl-C, and a scheduler's SIGTERM (preemption): finish the step, save, exit 128 + signal."""
+    run = tmp_path / "run"
+    proc = _start_and_wait([sys.executable, "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out", str(run),
+                            *TINY, "--epochs", "50"], run)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not ((run / "log.csv").is_file() and len(_rows(run)) >= 2):
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, out
-    assert "interrupted at step" in out and f"--resume {run}" in out
+    assert proc.returncode == code, out
+    assert f"{sig.name}: finishing this step" in out and "interrupted at step" in out and f"--resume {run}" in out
     assert "Traceback" not in out
-    saved = sorted((run / "checkpoints").iterdir())
-    assert saved and load(saved[-1])["reason"] == "interrupt"
-
-
-def test_sigterm_saves_and_exits(phantom_npy, tmp_path):
-    """A scheduler's SIGTERM (preemption) is handled as Ctrl-C: save, then exit 143."""
-    run = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out", str(run),
-                             *TINY, "--epochs", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not ((run / "log.csv").is_file() and len(_rows(run)) >= 2):
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, out
-    assert "SIGTERM: finishing this step" in out and "interrupted at step" in out
     saved = sorted((run / "checkpoints").iterdir())
     assert saved and load(saved[-1])["reason"] == "interrupt"
 
@@ -349,15 +336,10 @@ def test_torchrun_stop_is_taken_by_every_process_after_the_same_step(phantom_npy
     way the processes agree on one step and rank 0 saves it (a signal to rank 1 alone used to stop
     rank 1 and leave rank 0 waiting in the next all-reduce, with nothing saved)."""
     run = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                             str(_free_port()), "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out",
-                             str(run), *TINY, "--epochs", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
+    proc = _start_and_wait([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                            str(_free_port()), "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out",
+                            str(run), *TINY, "--epochs", "50"], run, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not ((run / "log.csv").is_file() and len(_rows(run)) >= 2):
-            time.sleep(0.2)
         if how == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)
         else:
