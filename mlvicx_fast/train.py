@@ -170,11 +170,16 @@ def _config_value(f: dataclasses.Field, key: str, value: Any, path: str) -> Any:
     return value
 
 
-def parse_config(argv: Optional[List[str]] = None) -> Config:
+def given_options(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """The options given explicitly: the config file's, and the command line's over them."""
     ns = vars(build_parser().parse_args(argv))
     values = read_config_file(ns["config"]) if ns.get("config") else {}
     values.update(ns)
-    return Config(**values)
+    return values
+
+
+def parse_config(argv: Optional[List[str]] = None) -> Config:
+    return Config(**given_options(argv))
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,9 +194,14 @@ def say(msg: str) -> None:
         print(f"[train] {msg}", flush=True)
 
 
+def on_cuda(device: str) -> bool:
+    """Whether --device (cuda, cuda:N, cpu or auto) runs on a GPU here."""
+    return torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+
+
 def resolve(cfg: Config) -> Config:
     """Fill the 'auto' values for this machine."""
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device.startswith("cuda")
+    cuda = on_cuda(cfg.device)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("train: --device cuda asked for, but torch sees no CUDA device")
     cfg.device = ("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device
@@ -467,23 +477,18 @@ def run_folder_of(ckpt: Path) -> Optional[Path]:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
 
 
-def resume_config(cfg: Config, argv: Optional[List[str]], ckpt_path: Path, saved: Dict[str, Any]) -> Config:
-    """The saved run's configuration, with the RESUME_OVERRIDES given on the command line or in
-    the config file. The run folder is the checkpoint's own unless --out names another."""
-    given = set(vars(build_parser().parse_args(argv)))
-    if cfg.config:
-        given |= set(read_config_file(cfg.config))
+def resume_config(given: Dict[str, Any], ckpt_path: Path, saved: Dict[str, Any]) -> Config:
+    """The saved run's configuration, with the RESUME_OVERRIDES among the options given
+    (:func:`given_options`). The run folder is the checkpoint's own unless --out names another."""
     names = {f.name: _flag(f) for f in dataclasses.fields(Config)}
-    ignored = sorted(given - set(RESUME_OVERRIDES) - {"config"})
+    ignored = sorted(set(given) - set(RESUME_OVERRIDES) - {"config"})
     if ignored:
         say(f"--resume keeps the run's own settings; ignoring {', '.join(names[k] for k in ignored)}")
-    out = dict(saved, **{k: getattr(cfg, k) for k in RESUME_OVERRIDES if k in given})
+    out = dict(saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDES})
     if "out" not in given:
         folder = run_folder_of(ckpt_path)
         out["out"] = str(folder) if folder is not None else saved["out"]
-    device = out["device"]
-    if out["cuda_graph"] and "cuda_graph" not in given and not (
-            device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
+    if out["cuda_graph"] and "cuda_graph" not in given and not on_cuda(out["device"]):
         say("--resume: this machine has no CUDA device; continuing without the run's CUDA graph")
         out["cuda_graph"] = False
     return Config(**out)
@@ -513,11 +518,12 @@ def first_non_finite(steps: List[int], values: torch.Tensor) -> Tuple[int, Optio
 # Training
 # --------------------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> int:
-    cfg = parse_config(argv)
+    given = given_options(argv)
+    cfg = Config(**given)
     resumed: Optional[Dict[str, Any]] = None
     if cfg.resume:
         ckpt_path, resumed = find_checkpoint(cfg.resume)
-        cfg = resume_config(cfg, argv, ckpt_path, resumed["config"])
+        cfg = resume_config(given, ckpt_path, resumed["config"])
     cfg = resolve(cfg)
     rank, world = setup_distributed(cfg)
     if world > 1 and cfg.cuda_graph:

@@ -133,7 +133,7 @@ def test_resume_of_a_gpu_run_on_a_cpu(tmp_path, capsys):
     saved.update(device="cuda", cuda_graph=True, precision="bf16", out=str(tmp_path / "elsewhere"))
     ckpt = tmp_path / "run" / "checkpoints" / "ckpt-00000010.pt"
     argv = ["--resume", str(ckpt), "--device", "cpu", "--precision", "fp32", "--epochs", "9"]
-    cfg = train.resume_config(train.parse_config(argv), argv, ckpt, saved)
+    cfg = train.resume_config(train.given_options(argv), ckpt, saved)
     assert (cfg.device, cfg.cuda_graph, cfg.precision, cfg.epochs) == ("cpu", False, "fp32", saved["epochs"])
     assert cfg.out == str(tmp_path / "run")  # the checkpoint's own run folder
     out = capsys.readouterr().out
