@@ -44,9 +44,7 @@ class _GatherWithGrad(torch.autograd.Function):
             x = torch.cat([x, x.new_zeros((top - x.shape[0],) + x.shape[1:])])
         parts = [torch.empty_like(x) for _ in sizes]
         dist.all_gather(parts, x)
-        if all(n == top for n in sizes):
-            return torch.cat(parts, dim=0)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)  # p[:n] is p when no rank was padded
 
     @staticmethod
     def backward(ctx, grad):

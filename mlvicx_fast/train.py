@@ -614,7 +614,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         flag = torch.tensor([float(stop["requested"])], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stop["requested"] = stop["requested"] or int(flag.item())
-        return bool(flag.item())
+        return bool(stop["requested"])
 
     def weights_state() -> Dict[str, Any]:
         """What evaluation needs (final.pt); step checkpoints add what resuming needs."""
