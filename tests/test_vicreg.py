@@ -340,6 +340,20 @@ def test_fp16x3_products_keep_fp32_accuracy(monkeypatch, shape, scale, shift):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("shape", [(200, 40), (140, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_fp16x3_nearly_collapsed(monkeypatch, shape):
+    """fp16x3 on embeddings with a tiny but non-zero spread (std 1e-19, a projector close to
+    collapse): the power-of-two scales stay finite, so the gradient is finite and exact (an
+    unbounded scale overflowed to Inf, and Inf times a masked zero made the gradient NaN)."""
+    import mlvicx_fast.ops.vicreg as vicreg
+
+    monkeypatch.setattr(vicreg, "NARROW_MAX_B", 0)
+    monkeypatch.setenv("MLVICX_FP32_DOT", "fp16x3")
+    z1, z2 = rand_pair(*shape, TRITON_DEVICE, scale=1e-19)
+    assert_matches(z1, z2, "triton")
+
+
+@pytest.mark.triton
 def test_fp16x3_collapsed_and_nan(monkeypatch):
     """fp16x3 with zero variance (the scale falls back to 1) and with a NaN (NaN loss)."""
     import mlvicx_fast.ops.vicreg as vicreg

@@ -92,10 +92,14 @@ if HAS_TRITON:
     @triton.jit
     def _fp16_scale(bound):
         """Power of two s with bound * s <= 2^14 (1 when bound is 0, Inf or NaN): scaled operands
-        stay below float16's 65504 and their low parts stay normal down to 2^-17 of the bound."""
+        stay below float16's 65504 and their low parts stay normal down to 2^-17 of the bound.
+        s is at most 2^63, so the product of two scales and its inverse stay finite and normal
+        in float32 (an unbounded s overflowed for bounds below 2^-113, and Inf times a masked
+        zero made the product NaN); below 2^-49 the low parts lose bits, on values too small
+        to matter beside the variance term."""
         ok = (bound > 0.0) & (bound < 3.0e38)
         e = tl.ceil(tl.log2(tl.where(ok, bound, 1.0)))
-        return tl.where(ok, tl.exp2(14.0 - e), 1.0)
+        return tl.where(ok, tl.exp2(tl.minimum(14.0 - e, 63.0)), 1.0)
 
     @triton.jit
     def _max_var(stat_ptr, n_stat, view, BLOCK: tl.constexpr):
