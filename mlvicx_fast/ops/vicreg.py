@@ -123,7 +123,7 @@ if HAS_TRITON:
         """Per column block: mean and unbiased variance of both views, and partial sums of
         (z1 - z2)^2, relu(1 - std) per view and v^2 per view (row `pid` of `part`, 8 floats)."""
         pid = tl.program_id(0)
-        cols = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # int64: cols * sr may pass 2^31
         cmask = cols < r
         # sums are taken around the first row (shifted data), so that a constant column has
         # exactly its value as mean and exactly zero deviations
@@ -270,7 +270,7 @@ if HAS_TRITON:
             tile = partial_ptr + (view * n_split + split).to(tl.int64) * M * M
             tl.store(tile + rm[:, None] * M + rn[None, :], acc, mask=omask)
         else:
-            _gram_epilogue(acc, rm, rn, M, out_ptr + view * M * M, part, pid_m, pid_n, scale, TRANSPOSED)
+            _gram_epilogue(acc, rm, rn, M, out_ptr + view.to(tl.int64) * M * M, part, pid_m, pid_n, scale, TRANSPOSED)
 
     @triton.jit
     def _gram_reduce_kernel(
@@ -291,7 +291,7 @@ if HAS_TRITON:
         for split in range(0, n_split):
             tile = partial_ptr + (view * n_split + split).to(tl.int64) * M * M
             acc += tl.load(tile + rm[:, None] * M + rn[None, :], mask=omask, other=0.0)
-        _gram_epilogue(acc, rm, rn, M, out_ptr + view * M * M, part, pid_m, pid_n, scale, TRANSPOSED)
+        _gram_epilogue(acc, rm, rn, M, out_ptr + view.to(tl.int64) * M * M, part, pid_m, pid_n, scale, TRANSPOSED)
 
     @triton.jit
     def _view_ptrs(view, z1_ptr, z2_ptr, dz1_ptr, dz2_ptr):
@@ -343,7 +343,7 @@ if HAS_TRITON:
                     ms = _fp16_scale(r * vmax)  # |G_ij| / (b-1) <= r max v
             if TRANSPOSED:
                 # acc = Zc[m, :] @ (C - diag C)[:, n], reduction over r
-                cmat = gram_ptr + view * r * r
+                cmat = gram_ptr + view.to(tl.int64) * r * r
                 for k0 in range(0, r, BK):
                     rk = (k0 + tl.arange(0, BK)).to(tl.int64)
                     ma = (rm < b)[:, None] & (rk < r)[None, :]
@@ -355,7 +355,7 @@ if HAS_TRITON:
                     acc = _mma(a, c, acc, PREC)
             else:
                 # acc = (G/(b-1))[m, :] @ Zc[:, n], reduction over b (- Zc[m, n] v[n] below)
-                gmat = gram_ptr + view * b * b
+                gmat = gram_ptr + view.to(tl.int64) * b * b
                 for k0 in range(0, b, BK):
                     rk = (k0 + tl.arange(0, BK)).to(tl.int64)
                     ma = (rm < b)[:, None] & (rk < b)[None, :]
