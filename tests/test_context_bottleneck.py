@@ -74,6 +74,17 @@ def test_fused_matches_reference(shape, dtype, channels_last):
 
 
 @pytest.mark.triton
+def test_weight_gradients_have_the_weights_strides_in_channels_last():
+    """In channels_last the 1x1 weights have strides (C, 1, C, C); their gradients must have the
+    same (DDP's bucket views and the fused LARS check compare strides exactly)."""
+    block = ContextBottleneck(16, backend="triton").to(TRITON_DEVICE, memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 9, 7, device=TRITON_DEVICE).contiguous(memory_format=torch.channels_last)
+    block(x).square().sum().backward()
+    for name, w in block.named_parameters():
+        assert w.grad.stride() == w.stride(), (name, w.grad.stride(), w.stride())
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_max_ties_route_to_first_index(channels_last):
     """Integer-valued x and W2 = 0 (so a = 1/2 exactly): the spatial and the channel maxima tie

@@ -66,6 +66,17 @@ def test_tables_follow_new_tensors_and_layout_kept():
     assert tables.chunks.shape[0] == sum(max(1, -(-p.numel() // CHUNK)) for p in ours)
 
 
+def test_channels_last_1x1_weight_with_row_major_gradient_is_fused():
+    """A 1x1 conv weight in channels_last has strides (C, 1, C, C); autograd may hand it a
+    gradient with strides (C, 1, 1, 1) (it ignores size-1 strides). Same memory order, so fused."""
+    w = torch.randn(4, 6, 1, 1, device=TRITON_DEVICE).to(memory_format=torch.channels_last)  # what Module.to gives
+    g = torch.randn(4, 6, 1, 1, device=TRITON_DEVICE)
+    assert w.stride() != g.stride()
+    assert lars_op.fused_lars_supported([w], [g], [torch.zeros_like(w)])
+    grads = [torch.randn(p.shape, device=TRITON_DEVICE) for p in (w, w)]  # row-major, both steps
+    run_both([w], 2, 0.5, lambda step, ps: [grads[step]], weight_decay=1e-6, momentum=0.9, eta=0.001)
+
+
 def test_auto_choice_and_fallback():
     # CPU tensors: auto uses the foreach ops (the interpreter is for tests only)
     p = torch.nn.Parameter(torch.randn(4, 4))

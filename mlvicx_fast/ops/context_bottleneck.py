@@ -718,6 +718,19 @@ def _forward_triton(x, w1, w2, ws):
     return out, state
 
 
+def _weight_grad_like(w: torch.Tensor) -> torch.Tensor:
+    """An empty gradient for weight w in row-major order (the order the kernels write), with w's
+    own strides on its size-1 dimensions: a 1x1 conv weight in channels_last, (C', C, 1, 1) with
+    strides (C, 1, C, C), then gets a gradient of exactly its strides. With row-major strides
+    there, autograd keeps the gradient as it is (it ignores size-1 strides), and DDP's bucket
+    views and the fused LARS update, which compare strides exactly, saw a different layout."""
+    strides, step = [], 1
+    for n, s in zip(reversed(w.shape), reversed(w.stride())):
+        strides.append(s if n == 1 else step)
+        step *= n
+    return torch.empty_strided(w.shape, strides[::-1], device=w.device, dtype=w.dtype)
+
+
 def _backward_triton(g, x, w1, w2, ws, state):
     """dx, dW1, dW2, dWs from dL/dout and what the forward saved."""
     N, C, H, W = x.shape
@@ -728,9 +741,7 @@ def _backward_triton(g, x, w1, w2, ws, state):
         g = torch.empty_like(x).copy_(g)
     bw = torch.empty(plan.bw_size, device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x)
-    dw1 = torch.empty(w1.shape, device=w1.device, dtype=w1.dtype)
-    dw2 = torch.empty(w2.shape, device=w2.device, dtype=w2.dtype)
-    dws = torch.empty(ws.shape, device=ws.device, dtype=ws.dtype)
+    dw1, dw2, dws = (_weight_grad_like(w) for w in (w1, w2, ws))
     K = SPATIAL_KERNEL
     _bwd_reduce_kernel[(N, plan.n_pb)](
         g, x, sN, sC, sP, state, plan.o_a, plan.o_s, bw, plan.o_dapart, C, P, plan.n_pb,
@@ -799,7 +810,7 @@ def _cb_bwd(
 
 @_cb_bwd.register_fake
 def _(g, x, w1, w2, ws, state):
-    return torch.empty_like(x), *(torch.empty(w.shape, device=w.device, dtype=w.dtype) for w in (w1, w2, ws))
+    return torch.empty_like(x), *(_weight_grad_like(w) for w in (w1, w2, ws))
 
 
 def _setup_context(ctx, inputs, output):

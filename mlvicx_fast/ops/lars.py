@@ -120,6 +120,14 @@ def _dense_layout(t: torch.Tensor) -> bool:
     return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides on every dimension of size > 1, so the same memory order
+    (a size-1 dimension's stride is arbitrary: autograd keeps such gradients as they come)."""
+    return a.shape == b.shape and all(
+        n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride())
+    )
+
+
 def fused_lars_supported(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                          bufs: Sequence[torch.Tensor]) -> bool:
     """Whether the fused kernels can update these tensors here (float32, one dense layout each,
@@ -132,7 +140,7 @@ def fused_lars_supported(params: Sequence[torch.Tensor], grads: Sequence[torch.T
     for p, g, m in zip(params, grads, bufs):
         if not (p.dtype == g.dtype == m.dtype == torch.float32):
             return False
-        if not (_dense_layout(p) and p.stride() == g.stride() == m.stride()):
+        if not (_dense_layout(p) and _same_layout(p, g) and _same_layout(p, m)):
             return False
     return True
 
