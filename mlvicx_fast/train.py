@@ -88,7 +88,7 @@ class Config:
         choices=["auto", "triton", "torch"], help="fused ops backend (auto: Triton on CUDA)"))
     aggregation: str = field(default="exact", metadata=dict(
         choices=["exact", "official"], help="multi-level aggregation: exact pool-first or the official 64x64 form"))
-    deterministic: bool = field(default=False, metadata=dict(help="deterministic algorithms (slower; exact resume on GPU)"))
+    deterministic: bool = field(default=False, metadata=dict(help="deterministic algorithms and fixed loss-kernel tiles, MLVICX_AUTOTUNE=0 (slower; exact resume on GPU)"))
     phantom_n: int = field(default=2000, metadata=dict(help="images in the built-in phantom set"))
     config: str = field(default="", metadata=dict(help="TOML or YAML file whose keys are these option names"))
 
@@ -285,8 +285,11 @@ def build_training(cfg: Config, device: torch.device, world: int = 1) -> Trainin
     if world > 1:
         # gradients as views of DDP's all-reduce buckets (torch's docs: no copy between gradients
         # and buckets, less peak memory); the gradients stay allocated (zero_grad set_to_none=False)
+        # an ablation (--lambda 0 or --global-weight 0) leaves one expander without gradients,
+        # which DDP must be told of, or its next step fails waiting for their reduction
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                                        gradient_as_bucket_view=True)
+                                                        gradient_as_bucket_view=True,
+                                                        find_unused_parameters=cfg.lambda_ == 0 or cfg.global_weight == 0)
     loss_fn = MLVICXLoss(lambda_=cfg.lambda_, global_weight=cfg.global_weight, gather_distributed=world > 1,
                          backend="auto")
     lr = torch.zeros((), device=device)  # a tensor, so a captured CUDA graph sees each step's value
@@ -532,7 +535,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # the loss kernels' tuner picks tiles and products by timing, so two processes may differ;
+        # cuBLAS needs a fixed workspace for reproducible results (read when its handle is made)
+        os.environ.setdefault("MLVICX_AUTOTUNE", "0")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is not None:
+        # streams, CUDA-graph capture and the Triton launches all use the current device
+        torch.cuda.set_device(device)
 
     data_dir, split = resolve_data(cfg)  # a missing or wrong --data stops here, before any other work
     from .data.loader import make_loader
@@ -541,7 +551,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     loader = make_loader(data_dir, split=split, mode="pretrain", batch_size=cfg.batch_size // world,
                          size=cfg.image_size, workers=cfg.workers or None, device=device, seed=cfg.seed,
                          channels=cfg.in_chans, backend=cfg.backend, out_dtype=view_dtype,
-                         rank=rank, world_size=world)
+                         rank=rank, world_size=world, shuffle=True, drop_last=True)  # any split, e.g. --data x/val.beton
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise SystemExit(f"train: {data_dir} split {split!r} holds fewer images than one batch of "
@@ -576,7 +586,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["optimizer"])
         opt.param_groups[0]["lr"] = lr_now
-        scaler.load_state_dict(resumed["scaler"])
+        if resumed["scaler"]:  # empty when saved without fp16 (a disabled scaler), e.g. resumed with --precision fp16
+            scaler.load_state_dict(resumed["scaler"])
         set_rng_state(resumed["rng"])
         step = resumed["step"]
         say(f"resuming {run} at step {step} from {ckpt_path}")

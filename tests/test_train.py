@@ -126,6 +126,39 @@ def test_resume_options_given_again_win_even_when_zero(phantom_npy, tmp_path):
     assert last > 2 and [int(r["step"]) for r in _rows(run)] == list(range(1, last + 1))
 
 
+def test_resume_with_fp16_after_a_run_without_loss_scaling(phantom_npy, tmp_path):
+    """A run saved in fp32 or bf16 has an empty (disabled) loss-scaler state; resuming it with
+    --precision fp16 starts a fresh scale instead of failing to load the empty one."""
+    run = tmp_path / "run"
+    assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "2", *TINY]) == 0
+    assert load(run / "checkpoints" / "ckpt-00000002.pt")["scaler"] == {}
+    assert train.main(["--resume", str(run), "--precision", "fp16", "--max-steps", "3"]) == 0
+    assert [r["step"] for r in _rows(run)] == ["1", "2", "3"]
+    assert load(run / "checkpoints" / "ckpt-00000003.pt")["scaler"]["scale"] > 0
+
+
+def test_deterministic_fixes_the_loss_kernels_tiles(phantom_npy, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLVICX_AUTOTUNE", raising=False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert train.main(["--data", str(phantom_npy), "--out", str(tmp_path / "run"), "--max-steps", "1",
+                       "--deterministic", *TINY]) == 0
+    assert os.environ["MLVICX_AUTOTUNE"] == "0" and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_pretraining_on_any_split_of_a_beton_drops_the_short_batch(tmp_path):
+    """--data folder/test.beton: pretraining shuffles and drops the last short batch on any split
+    (a CUDA-graph step takes only full batches; the loader's defaults do so for 'train' only)."""
+    pytest.importorskip("ffcv")
+    import json
+
+    data = ensure_phantom(tmp_path / "phantom", n=64, seed=3, size=48, fmt="raw") / "nih"
+    n = json.loads((data / "meta.json").read_text())["splits"]["test"]["n"]
+    assert n % 8 and n > 8
+    run = tmp_path / "run"
+    assert train.main(["--data", str(data / "test.beton"), "--out", str(run), *TINY]) == 0
+    assert [r["step"] for r in _rows(run)] == [str(i) for i in range(1, n // 8 + 1)]
+
+
 def test_resume_of_a_gpu_run_on_a_cpu(tmp_path, capsys):
     """A run saved on a GPU (device cuda, CUDA graph, bf16) continues on a CPU with --device cpu;
     the graph is dropped with a message, and the speed settings may be given again."""
@@ -297,6 +330,30 @@ def test_two_gloo_processes_take_the_single_process_step(tmp_path):
             assert (upd - upd_ddp).abs().max().item() <= bound, k
         else:
             assert torch.equal(after[k], got["after"][k]), k
+
+
+def _ablation_worker(rank, port, cfgs, x1, x2):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for cfg in cfgs:
+            parts = train.build_training(cfg, torch.device("cpu"), WORLD)
+            parts.lr.fill_(0.1)
+            for _ in range(2):  # DDP's check for parameters without gradients fires on the second step
+                assert torch.isfinite(parts.step(x1, x2)).all()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_run_the_ablations(tmp_path):
+    """--lambda 0 and --global-weight 0 leave one expander without gradients; under DDP that must
+    not stop the second step ("Expected to have finished reduction in the prior iteration")."""
+    base = dict(data="x", preset="paper", dim=64, image_size=32, batch_size=8, compile=False, cuda_graph=False,
+                channels_last=False, precision="fp32", device="cpu")
+    cfgs = [train.resolve(train.Config(**base, lambda_=0.0)), train.resolve(train.Config(**base, global_weight=0.0))]
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    mp.spawn(_ablation_worker, args=(_free_port(), cfgs, x1, x2), nprocs=WORLD, join=True)
 
 
 @pytest.mark.distributed
