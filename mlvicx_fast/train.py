@@ -88,7 +88,8 @@ class Config:
         choices=["auto", "triton", "torch"], help="fused ops backend (auto: Triton on CUDA)"))
     aggregation: str = field(default="exact", metadata=dict(
         choices=["exact", "official"], help="multi-level aggregation: exact pool-first or the official 64x64 form"))
-    deterministic: bool = field(default=False, metadata=dict(help="deterministic algorithms and fixed loss-kernel tiles, MLVICX_AUTOTUNE=0 (slower; exact resume on GPU)"))
+    deterministic: bool = field(default=False, metadata=dict(
+        help="deterministic algorithms and fixed loss-kernel tiles, MLVICX_AUTOTUNE=0 (slower; exact resume on GPU)"))
     phantom_n: int = field(default=2000, metadata=dict(help="images in the built-in phantom set"))
     config: str = field(default="", metadata=dict(help="TOML or YAML file whose keys are these option names"))
 
