@@ -56,7 +56,10 @@ class GraphedStep:
                 self.step_fn(self.x1, self.x2)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the FFCV loader's prefetch thread keeps copying batches to the GPU on its
+        # own stream during the capture; in the default 'global' mode CUDA rejects such calls from
+        # any other thread while a capture runs, which can fail the first step at random
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = self.step_fn(self.x1, self.x2)
         torch.cuda.synchronize()
         self._restore(snap)
