@@ -136,6 +136,17 @@ def loop_rrc_mean_area(H, W, n, seed=0):
     return total / n
 
 
+def test_crop_means_are_exact_on_large_bright_images():
+    """The contrast pivot is the crop's mean from an integral image; a 3000 x 3000 white image sums
+    to 2.3e9, past int32 (the GPU path used an int32 table, which wrapped there)."""
+    x = torch.full((2, 3000, 3000), 255, dtype=torch.uint8)
+    x[1, :1500] = 51  # top half 0.2, bottom half 1.0
+    p = torch.zeros(1, 2, A.N_PARAMS)
+    p[0, :, A.P_H], p[0, :, A.P_W] = 3000, 3000
+    means = A.crop_means(x, p)[0, :, A.P_MEAN]
+    assert means.tolist() == pytest.approx([1.0, 0.6], abs=1e-7)
+
+
 def test_bad_inputs_name_what_is_wrong():
     x = torch.zeros(2, 16, 16, dtype=torch.uint8)
     with pytest.raises(TypeError, match="uint8.*torch.float32"):

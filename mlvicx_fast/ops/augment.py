@@ -157,8 +157,9 @@ def crop_means(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     float32 copy of params on x's device."""
     p = params.to(device=x.device, dtype=torch.float32, copy=True)
     N, H, W = x.shape
-    ii = torch.zeros(N, H + 1, W + 1, dtype=torch.float64 if x.device.type == "cpu" else torch.int32, device=x.device)
-    ii[:, 1:, 1:] = x.to(ii.dtype).cumsum(1).cumsum(2)
+    # int64 on every device: exact, and an int32 table wrapped from 2^31 / 255 = 8.4 M white pixels
+    ii = torch.zeros(N, H + 1, W + 1, dtype=torch.int64, device=x.device)
+    ii[:, 1:, 1:] = x.to(torch.int64).cumsum(1).cumsum(2)
     flat = ii.view(N, -1)
     for v in range(p.shape[0]):
         y0, x0 = p[v, :, P_Y0].long(), p[v, :, P_X0].long()
