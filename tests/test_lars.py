@@ -77,6 +77,19 @@ def test_channels_last_1x1_weight_with_row_major_gradient_is_fused():
     run_both([w], 2, 0.5, lambda step, ps: [grads[step]], weight_decay=1e-6, momentum=0.9, eta=0.001)
 
 
+def test_new_tensors_during_a_graph_capture_are_a_clear_error(monkeypatch):
+    """Rebuilding the pointer tables copies them from the host, which a CUDA-graph capture cannot
+    hold (gradients freed by zero_grad(set_to_none=True) come back at new addresses)."""
+    p = torch.randn(5, device=TRITON_DEVICE, requires_grad=True)
+    p.grad = torch.randn(5, device=TRITON_DEVICE)
+    opt = LARS([p], lr=0.1, fused=True)
+    opt.step()
+    p.grad = torch.randn(5, device=TRITON_DEVICE)  # a new gradient tensor
+    monkeypatch.setattr(lars_op, "_capturing", lambda t: True)
+    with pytest.raises(RuntimeError, match=r"new since the last step, inside a CUDA-graph capture"):
+        opt.step()
+
+
 def test_auto_choice_and_fallback():
     # CPU tensors: auto uses the foreach ops (the interpreter is for tests only)
     p = torch.nn.Parameter(torch.randn(4, 4))

@@ -145,6 +145,11 @@ def fused_lars_supported(params: Sequence[torch.Tensor], grads: Sequence[torch.T
     return True
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA-graph capture runs on the current stream of t's device."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class _Tables:
     """Device tables of one parameter list: pointers, chunk map; rebuilt when a pointer changes."""
 
@@ -154,6 +159,13 @@ class _Tables:
     def get(self, params, grads, bufs):
         key = tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), p.numel()) for p, g, m in zip(params, grads, bufs))
         if key != self.key:
+            if _capturing(params[0]):
+                # building copies the tables from the host, which a capture cannot hold
+                raise RuntimeError(
+                    "LARS(fused): a parameter, gradient or momentum tensor is new since the last step, "
+                    "inside a CUDA-graph capture; keep gradients allocated between steps "
+                    "(zero_grad(set_to_none=False)) and take a step before capturing"
+                )
             self._build(key, params)
         return self
 
