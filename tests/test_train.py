@@ -138,8 +138,9 @@ def test_resume_with_fp16_after_a_run_without_loss_scaling(phantom_npy, tmp_path
 
 
 def test_deterministic_fixes_the_loss_kernels_tiles(phantom_npy, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLVICX_AUTOTUNE", raising=False)
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    for name in ("MLVICX_AUTOTUNE", "CUBLAS_WORKSPACE_CONFIG"):  # unset now, and again after the test
+        monkeypatch.setenv(name, "")  # (delenv of an unset variable records nothing to undo)
+        monkeypatch.delenv(name)
     assert train.main(["--data", str(phantom_npy), "--out", str(tmp_path / "run"), "--max-steps", "1",
                        "--deterministic", *TINY]) == 0
     assert os.environ["MLVICX_AUTOTUNE"] == "0" and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
