@@ -70,6 +70,18 @@ def test_module_modes_agree_and_state_dict():
     assert exact.shape == (3, agg.out_features) == (3, 32 * 16)
 
 
+def test_training_after_a_first_call_under_inference_mode():
+    """The pooling matrices are cached per map size; one first built under inference_mode (a
+    validation pass, a shape probe) must not break the training steps that come after."""
+    agg = MultiLevelAggregation([8, 16], width=32)
+    sizes = [(23, 17), (9, 11)]  # sizes no other test uses, so the first call builds the matrices
+    maps = [torch.randn(2, c, h, w) for c, (h, w) in zip((8, 16), sizes)]
+    with torch.inference_mode():
+        agg(maps)
+    agg([m.requires_grad_() for m in maps]).square().sum().backward()
+    assert all(m.grad is not None for m in maps)
+
+
 def test_bad_inputs():
     w, b = [torch.ones(4, 3, 1, 1)], [torch.ones(4)]
     with pytest.raises(ValueError, match="at least one feature map"):

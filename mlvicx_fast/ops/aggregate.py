@@ -64,7 +64,10 @@ def pooling_matrix(height: int, width: int, resize: int = 64, pool: int = 4,
     key = (height, width, resize, pool, str(device), dtype)
     mat = _MATRICES.get(key)
     if mat is None:
-        mat = _MATRICES[key] = build()
+        # a matrix first built under inference_mode would be an inference tensor, which autograd
+        # then refuses to save for any later training step
+        with torch.inference_mode(False):
+            mat = _MATRICES[key] = build()
     return mat
 
 
