@@ -369,6 +369,20 @@ def test_fp16x3_collapsed_and_nan(monkeypatch):
         assert math.isnan(vicreg_loss(z1, z2, backend="triton").item())
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_a_callers_autocast_does_not_lower_the_precision(backend):
+    """Under a caller's torch.autocast (bf16) the loss of float32 embeddings is the float32 loss:
+    autocast would otherwise run the Gram / covariance products in bfloat16."""
+    z1, z2 = rand_pair(64, 96, "cpu")
+    plain, plain_terms = vicreg_loss(z1, z2, backend=backend, return_terms=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside, terms = vicreg_loss(z1, z2, backend=backend, return_terms=True)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, plain, rtol=1e-6, atol=0.0)
+    for k in plain_terms:
+        torch.testing.assert_close(terms[k], plain_terms[k], rtol=1e-6, atol=1e-9)
+
+
 def test_fp32_dot_choice_is_checked(monkeypatch):
     from mlvicx_fast.ops._triton import fp32_dot_precision
 

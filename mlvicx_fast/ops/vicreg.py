@@ -1033,6 +1033,11 @@ def vicreg_loss(
         (loss, terms) with return_terms=True. NaN or Inf in the inputs gives a NaN loss.
     """
     check_inputs(z1, z2)
+    if torch.is_autocast_enabled(z1.device.type):
+        # a caller's autocast would run the torch backends' products in bfloat16/float16; the loss
+        # keeps float32 accumulation (inputs keep their own dtype)
+        with torch.autocast(z1.device.type, enabled=False):
+            return vicreg_loss(z1, z2, sim_coeff, std_coeff, cov_coeff, eps, backend, return_terms)
     backend = resolve_backend(backend, z1, z2)
     sim, std, cov, eps = float(sim_coeff), float(std_coeff), float(cov_coeff), float(eps)
     if backend == "reference":
