@@ -22,3 +22,14 @@ def test_single_process_is_torch_batchnorm(momentum):
     ours.eval(), ref.eval()
     x = torch.randn(2, 5, 3, 3)
     torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_conversion_keeps_dtype_and_frozen_parameters():
+    ref = torch.nn.BatchNorm1d(4).double()
+    ref.weight.requires_grad_(False)
+    ours = convert_sync_batchnorm_cpu(torch.nn.Sequential(ref))[0]
+    assert ours.weight.dtype == ours.running_mean.dtype == torch.float64
+    assert ours.num_batches_tracked.dtype == torch.long
+    assert not ours.weight.requires_grad and ours.bias.requires_grad
+    x = torch.randn(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), ref(x))

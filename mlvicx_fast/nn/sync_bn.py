@@ -67,12 +67,18 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_sync_batchnorm_cpu(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d in module by SyncBatchNormCPU with the same state."""
+    """Replace every BatchNorm1d/2d/3d in module by SyncBatchNormCPU with the same state (values,
+    device, dtype, which parameters are frozen, train/eval mode)."""
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNormCPU):
+        like = module.weight if module.affine else module.running_mean
+        kw = {} if like is None else dict(device=like.device, dtype=like.dtype)
         out = SyncBatchNormCPU(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
+                               module.track_running_stats, **kw)
         out.load_state_dict(module.state_dict())
+        if module.affine:
+            out.weight.requires_grad_(module.weight.requires_grad)
+            out.bias.requires_grad_(module.bias.requires_grad)
         out.train(module.training)
     for name, child in module.named_children():
         out.add_module(name, convert_sync_batchnorm_cpu(child))
