@@ -50,3 +50,27 @@ def test_loss_target_verdicts():
     assert value == pytest.approx(eager / ours) and ok is (eager / ours >= 20)
     assert out["loss fwd+bwd 2048x8192 fp32: ours vs official"] == (None, None)  # not measured, not a pass
     assert out["loss peak extra memory 64x2048 fp32 / inputs"] == (1.0, True)
+
+
+def test_targets_a_run_did_not_reach_are_not_measured():
+    """A stage cut short leaves some rows out: each target it names is then 'not measured' (None),
+    never absent from the table and never a pass."""
+    official, bare, ours = random.uniform(100, 200), random.uniform(10, 20), random.uniform(10, 30)
+    data = step_data(64, official, bare, ours, ours * 1.1)  # batch 256 never measured
+    got = {what: ok for what, _, _, ok in targets.step_targets(data)}
+    assert got["step batch 256: ours / bare ResNet18 time"] is None
+    assert got["step batch 256: ours vs official pairs/s"] is None
+    assert got["step batch 64: ours / bare ResNet18 time"] is (ours / bare <= 1.2)
+
+    fused, comp = random.uniform(0.3, 0.5), random.uniform(0.5, 3.0)
+    rows = [dict(shape="64x512x7x7", provider=p, mode="forward+backward", ms=ms, floor_ms=0.01)
+            for p, ms in (("fused", fused), ("compiled", comp))]
+    got = {what: (value, ok) for what, value, _, ok in targets.context_targets({"rows": rows})}
+    assert got["context fwd+bwd 64x512x7x7: fused vs compiled"] == (pytest.approx(comp / fused), comp / fused > 1)
+    for tap in ("64x64x112x112", "64x64x56x56", "64x128x28x28", "64x256x14x14"):
+        assert got[f"context fwd+bwd {tap}: fused vs compiled"] == (None, None)
+    assert got["context fwd+bwd 64x64x112x112: time / bandwidth floor"] == (None, None)
+    # a batch other than 64 is not the target's shape
+    rows = [dict(r, shape="2x512x7x7") for r in rows]
+    assert all(ok is None for _, _, _, ok in targets.context_targets({"rows": rows}))
+    assert targets.loss_targets({"rows": []})[-1] == ("loss peak extra memory / inputs", None, "< 2x", None)
