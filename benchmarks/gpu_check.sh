@@ -41,7 +41,8 @@ stage() {  # stage NAME SECONDS command...: run with a limit, log to $RES/NAME.l
   fi
   [ "$limit" -le "$left" ] || limit=$left
   echo "== $name (limit ${limit}s, $((SECONDS))s elapsed)"
-  timeout "$limit" "$@" >"$RES/$name.log" 2>&1
+  # -k: train.py answers SIGTERM by finishing its step and saving, which may outlast the limit
+  timeout -k 10 "$limit" "$@" >"$RES/$name.log" 2>&1
   local rc=$?
   tail -n 12 "$RES/$name.log"
   [ $rc = 0 ] || { echo "!! $name exited with $rc"; status=1; }
@@ -64,8 +65,10 @@ GPU_TESTS=${GPU_TESTS:-"tests/test_vicreg.py tests/test_lars.py tests/test_loss_
 # six processes share the GPU and the on-disk kernel cache
 XDIST=""
 python3 -c 'import xdist' 2>/dev/null && XDIST="-n ${GPU_TEST_PROCS:-6}"
+NOBENCH=""  # pytest-benchmark's option, only where it is installed (else pytest rejects it)
+python3 -c 'import pytest_benchmark' 2>/dev/null && NOBENCH="--benchmark-disable"
 # shellcheck disable=SC2086
-stage gpu_tests 170 python3 -m pytest $GPU_TESTS $XDIST -q -p no:cacheprovider --benchmark-disable --maxfail=20 -rfEs
+stage gpu_tests 170 python3 -m pytest $GPU_TESTS $XDIST -q -p no:cacheprovider $NOBENCH --maxfail=20 -rfEs
 # 2. fused loss: all shapes, fp32 + bf16; the compiled official formula where its target is set
 stage bench_loss 60 python3 benchmarks/bench_loss.py --device cuda --compile-shapes 64x2048
 # 3. context bottleneck at the five taps, batch 64, bf16 channels_last: eager, compiled, fused; plain
@@ -99,14 +102,18 @@ stage bench_step_compile 240 python3 benchmarks/bench_step.py --batches 64 256 -
 
 echo "== targets"
 python3 benchmarks/targets.py --dir benchmarks/out | tee "$RES/targets.md"
+archive  # the table and every result are in $OUT before the optional gathering below
+if [ -n "${OUT:-}" ]; then cp "$RES/targets.md" "$OUT"/; fi
 # every result's table and plot in one page of the archive (RESULTS.md + plots/); a failure here
-# (no matplotlib: tables only) never changes this script's status
+# (no matplotlib: tables only) never changes this script's status, and it gets what time is left
 echo "== gather: $RES/RESULTS.md"
-python3 benchmarks/run_all.py --dir "$RES" --results "$RES/RESULTS.md" --plots "$RES/plots" >"$RES/run_all.log" 2>&1 \
+gather=$((DEADLINE_S - SECONDS - 5))
+[ "$gather" -ge 5 ] || gather=5
+timeout -k 2 "$gather" python3 benchmarks/run_all.py --dir "$RES" --results "$RES/RESULTS.md" --plots "$RES/plots" \
+  >"$RES/run_all.log" 2>&1 \
   || echo "!! run_all.py exited with $? (see run_all.log in the archive); the results themselves are archived"
 tail -n 3 "$RES/run_all.log"
 archive
-if [ -n "${OUT:-}" ]; then cp "$RES/targets.md" "$OUT"/; fi
 echo "== done in ${SECONDS}s"
 if [ -n "$skipped" ]; then
   echo "!! skipped for time:$skipped  (next call: STAGES=\"${skipped# }\" bash benchmarks/gpu_check.sh)"
