@@ -108,14 +108,15 @@ def main(argv=None):
         if name not in DTYPES:
             p.error(f"unknown dtype {name!r}; expected some of {', '.join(DTYPES)}")
 
-    rows = []
-    for dname in dtypes:
-        rows += run_dtype(dname, batch, args.size, fmt, device)
-        if device == "cuda":
-            torch.cuda.empty_cache()
     meta = common_meta(device, batch=batch, size=args.size, channels_last=not args.nchw,
                        step="aggregation forward, backward of sum(out * probe); tap gradients allocated anew "
                             "every step; peak_extra_MiB above the taps, weights and probe")
+    rows = []
+    for dname in dtypes:
+        rows += run_dtype(dname, batch, args.size, fmt, device)
+        write_results(args.name, rows, COLUMNS, meta)  # after every dtype: a cut-short run keeps it
+        if device == "cuda":
+            torch.cuda.empty_cache()
     print(write_results(args.name, rows, COLUMNS, meta))
 
 

@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     batches = args.batches or ([4] if args.quick or device == "cpu" else [64, 256])
     size = args.size or (64 if args.quick or device == "cpu" else 224)
 
+    info = meta(device, preset=args.preset, compile=args.compile,
+                note="vs_bare = time / bare time (target <= 1.2); vs_official = official time / time (target >= 9)")
     rows = []
     for batch in batches:
         base = {}
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
             base[provider] = t["ms"]
             rows.append(dict(provider=provider, batch=batch, size=size, **t, pairs_per_s=batch / (t["ms"] * 1e-3),
                              peak_GiB=peak))
+            write_results(args.name, rows, COLUMNS, info)  # after every row: a cut-short run keeps them
             print(f"  batch {batch:4d} {provider:9s} {t['ms']:9.2f} ms  {batch / (t['ms'] * 1e-3):8.0f} pairs/s", flush=True)
             del step, x1, x2
             if device == "cuda":
@@ -145,8 +148,7 @@ def main(argv=None) -> int:
             if row["batch"] == batch:
                 row["vs_bare"] = row["ms"] / base["bare"] if "bare" in base else None
                 row["vs_official"] = base["official"] / row["ms"] if "official" in base else None
-    info = meta(device, preset=args.preset, compile=args.compile,
-                note="vs_bare = time / bare time (target <= 1.2); vs_official = official time / time (target >= 9)")
+        write_results(args.name, rows, COLUMNS, info)
     print(write_results(args.name, rows, COLUMNS, info))
     return 0
 
