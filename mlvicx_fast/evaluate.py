@@ -53,12 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .metrics import EarlyStopping, accuracy, auc_table, dice_per_image, mean_or_none, mean_std_cell, paired_ttest
+from .ops.augment import IMAGENET_MEAN, IMAGENET_STD  # the loader's normalisation
 from .progress import progress as progress_bar
 
 PathLike = Union[str, os.PathLike]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM = "random"
 RANDOM_NAME = "Random init"
 
@@ -144,20 +143,6 @@ def _mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor], ignore: Callable
     return ", ".join(parts)
 
 
-def _fit_stem(sd: Dict[str, torch.Tensor], key: str, in_chans: int) -> Dict[str, torch.Tensor]:
-    """Make the first convolution take in_chans channels: 3 -> 1 sums over the input channels, 1 -> 3
-    spreads the weight over three (both give the same output on a gray image replicated to RGB)."""
-    w = sd.get(key)
-    if w is None or w.dim() != 4 or w.shape[1] == in_chans:
-        return sd
-    sd = dict(sd)
-    if w.shape[1] == 3 and in_chans == 1:
-        sd[key] = w.sum(dim=1, keepdim=True)
-    elif w.shape[1] == 1 and in_chans == 3:
-        sd[key] = w.repeat(1, 3, 1, 1) / 3
-    return sd
-
-
 def load_pretrained_encoder(path: PathLike, with_context: bool = False, in_chans: Optional[int] = None,
                             backend: str = "auto") -> nn.Module:
     """The downstream encoder of a checkpoint: an nn.Module whose ``forward(x)`` gives (N, 512) pooled
@@ -180,7 +165,7 @@ def load_pretrained_encoder(path: PathLike, with_context: bool = False, in_chans
 def _load_encoder(path: PathLike, with_context: bool, in_chans: Optional[int], backend: str):
     """(encoder, checkpoint file, MLVICX model_args or None for a plain ResNet18)."""
     from .models.mlvicx import MLVICX
-    from .models.resnet import ResNet18
+    from .models.resnet import ResNet18, convert_stem
 
     if in_chans not in (None, 1, 3):
         raise EvaluationError(f"in_chans must be 1 or 3, got {in_chans}")
@@ -210,7 +195,7 @@ def _load_encoder(path: PathLike, with_context: bool, in_chans: Optional[int], b
         encoder = model.encoder(with_context=with_context)
         if in_chans is not None and in_chans != model.backbone.in_chans:
             stem = ResNet18(in_chans=in_chans)
-            stem.load_state_dict(_fit_stem(model.backbone.state_dict(), "conv1.weight", in_chans))
+            stem.load_state_dict(convert_stem(model.backbone.state_dict(), "", in_chans))
             model.backbone = stem
             encoder = model.encoder(with_context=with_context)
         args["in_chans"] = encoder_in_chans(encoder)
@@ -232,7 +217,7 @@ def _load_encoder(path: PathLike, with_context: bool, in_chans: Optional[int], b
     stem = sd.get("conv1.weight")
     chans = in_chans or (int(stem.shape[1]) if stem is not None and stem.dim() == 4 and stem.shape[1] in (1, 3) else 3)
     encoder = ResNet18(in_chans=chans)
-    sd = _fit_stem(sd, "conv1.weight", chans)
+    sd = convert_stem(sd, "", chans)
     misfit = _mismatch(encoder, sd, ignore=lambda k: k.startswith("fc."))
     if misfit:
         raise EvaluationError(f"{name} does not fit ResNet18 (torchvision names): {misfit}")

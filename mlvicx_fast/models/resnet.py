@@ -14,10 +14,10 @@ conv with stride, ``downsample.1`` BN, when the shape changes), relu. Without fc
 11,176,512 parameters. Initialisation as torchvision: Kaiming normal (fan_out, ReLU) for the
 convolutions, BN weight 1 and bias 0.
 
-Loading: a 3-channel ``conv1.weight`` (64, 3, 7, 7) loaded into a 1-channel stem is summed over
-its input channels, which gives the same output on a grey image replicated to three channels;
-``fc.*`` entries are dropped when the model has no fc. Both happen in ``load_state_dict`` (also
-when this ResNet is a submodule), so ``strict=True`` loads a torchvision checkpoint as it is.
+Loading: a ``conv1.weight`` with the other channel count is converted by :func:`convert_stem`
+(a 3-channel checkpoint into a 1-channel stem, or back), and ``fc.*`` entries are dropped when the
+model has no fc. Both happen in ``load_state_dict`` (also when this ResNet is a submodule), so
+``strict=True`` loads a torchvision or timm checkpoint as it is.
 """
 from __future__ import annotations
 
@@ -26,7 +26,43 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+# the package's input normalisation: a grey image x in [0, 1] enters a 3-channel stem as
+# (x - MEAN[c]) / STD[c] for c = 0, 1, 2 and a 1-channel stem as (x - MEAN[0]) / STD[0]
+from ..ops.augment import IMAGENET_MEAN, IMAGENET_STD
+
 STAGE_CHANNELS = (64, 64, 128, 256, 512)  # stem, layer1, layer2, layer3, layer4
+
+
+def convert_stem(state_dict, prefix: str, in_chans: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The state_dict with ``prefix + 'conv1.weight'`` converted to in_chans input channels, so the
+    stem computes what it did on the same grey image under the normalisation above (a new dict;
+    unchanged when the channels already agree or the key is absent).
+
+    1 -> 3: the weight goes on channel 0 and zeros on 1 and 2; channel 0 carries exactly the
+    1-channel input, so the output is identical.
+    3 -> 1: with u = (x - mean0) / std0, channel c is (std0 / std_c) u + (mean0 - mean_c) / std_c,
+    so w' = sum_c w_c std0 / std_c, and the constant part, a per-filter offset
+    b = sum_{c,taps} w_c (mean0 - mean_c) / std_c, is folded into ``bn1.running_mean`` (minus b):
+    identical in eval mode except on the 3-pixel border, where the zero padding differs (in train
+    mode the batch statistics remove the offset anyway). Summing the channels, the usual recipe,
+    is off by ~20 % at the stem with per-channel statistics."""
+    key = prefix + "conv1.weight"
+    w = state_dict.get(key)
+    if w is None or w.dim() != 4 or w.shape[1] == in_chans or (w.shape[1], in_chans) not in ((1, 3), (3, 1)):
+        return state_dict
+    out = dict(state_dict)
+    if in_chans == 3:
+        out[key] = torch.cat([w, torch.zeros_like(w), torch.zeros_like(w)], dim=1)
+        return out
+    wd = w.double()
+    ratio = torch.tensor([std[0] / s for s in std], dtype=torch.float64).view(1, 3, 1, 1)
+    shift = torch.tensor([(mean[0] - m) / s for m, s in zip(mean, std)], dtype=torch.float64).view(1, 3, 1, 1)
+    out[key] = (wd * ratio).sum(dim=1, keepdim=True).to(w.dtype)
+    rm_key = prefix + "bn1.running_mean"
+    if rm_key in out:
+        rm = out[rm_key]
+        out[rm_key] = (rm.double() - (wd * shift).sum(dim=(1, 2, 3))).to(rm.dtype)
+    return out
 
 
 class BasicBlock(nn.Module):
@@ -124,10 +160,9 @@ class ResNet18(nn.Module):
         return features if self.fc is None else self.fc(features)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "conv1.weight"
-        weight = state_dict.get(key)
-        if weight is not None and self.in_chans == 1 and weight.dim() == 4 and weight.shape[1] == 3:
-            state_dict[key] = weight.sum(dim=1, keepdim=True)
+        converted = convert_stem(state_dict, prefix, self.in_chans)
+        if converted is not state_dict:  # load_state_dict hands each module the one shared dict
+            state_dict.update(converted)
         if self.fc is None:
             for name in ("fc.weight", "fc.bias"):
                 state_dict.pop(prefix + name, None)
