@@ -66,6 +66,11 @@ class Config:
     global_weight: float = field(default=1.0, metadata=dict(help="weight of the global loss (0: multi-level only)"))
     image_size: int = field(default=0, metadata=dict(help="view side in pixels (0: 224; 128 for the built-in default on a CPU)"))
     in_chans: int = field(default=3, metadata=dict(choices=[1, 3], help="network input channels (3: gray replicated)"))
+    init: str = field(default="", metadata=dict(
+        help="start the ResNet18 backbone from these weights instead of a random initialisation: a "
+             "torchvision or timm resnet18 state_dict file (the official code starts from ImageNet "
+             "weights; 'fc.*' is ignored, the stem converted for --in-chans 1), or an MLVICX "
+             "checkpoint or run folder (its backbone only)"))
     precision: str = field(default="auto", metadata=dict(
         choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision (auto: bf16 on GPU, fp32 on CPU)"))
     compile: bool = field(default=False, metadata=dict(
@@ -275,9 +280,24 @@ class Training:
     step: Any  # step(x1, x2) -> tensor [loss, six terms]
 
 
-def build_training(cfg: Config, device: torch.device, world: int = 1) -> Training:
-    """The network (SyncBatchNorm and DDP when world > 1), MLVICXLoss, LARS, and the step function."""
-    model = build_model(cfg).to(device)
+def load_init(path: str, in_chans: int) -> Dict[str, torch.Tensor]:
+    """The backbone state_dict --init names (see its help), or SystemExit saying why not."""
+    from .evaluate import EvaluationError, load_pretrained_encoder
+
+    try:
+        return load_pretrained_encoder(path, in_chans=in_chans, backend="torch").state_dict()
+    except (FileNotFoundError, EvaluationError) as e:
+        raise SystemExit(f"train: --init {path}: {e}") from None
+
+
+def build_training(cfg: Config, device: torch.device, world: int = 1,
+                   backbone_state: Optional[Dict[str, torch.Tensor]] = None) -> Training:
+    """The network (SyncBatchNorm and DDP when world > 1), MLVICXLoss, LARS, and the step function.
+    backbone_state: weights for the ResNet18 backbone (--init), loaded before anything else."""
+    model = build_model(cfg)
+    if backbone_state is not None:
+        model.backbone.load_state_dict(backbone_state)
+    model = model.to(device)
     if world > 1:
         model = convert_sync_batchnorm(model)
     if cfg.channels_last:
@@ -546,6 +566,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.cuda.set_device(device)
 
     data_dir, split = resolve_data(cfg)  # a missing or wrong --data stops here, before any other work
+    init_state = None
+    if cfg.init and resumed is None:  # so does a wrong --init; a resumed run has its own weights
+        init_state = load_init(cfg.init, cfg.in_chans)
+        say(f"backbone initialised from {cfg.init}")
     from .data.loader import make_loader
 
     view_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
@@ -580,7 +604,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             say(f"--resume from step {resumed['step']}: moved the {len(later)} later checkpoints to {aside}")
 
     # network, loss, optimiser, and the step that uses them
-    parts = build_training(cfg, device, world)
+    parts = build_training(cfg, device, world, backbone_state=init_state)
     model, opt, scaler, lr_now = parts.model, parts.opt, parts.scaler, parts.lr
     step = 0
     if resumed is not None:

@@ -85,6 +85,27 @@ def test_bad_data_is_a_clear_error_before_any_work(tmp_path, make, match):
     assert not (tmp_path / "run").exists()
 
 
+def test_init_starts_the_backbone_from_torchvision_weights(phantom_npy, tmp_path, capsys):
+    """--init with a torchvision-named resnet18 state_dict (fc included, as ImageNet files are):
+    the run starts from those weights (a 1e-12 lr keeps them through one step)."""
+    from mlvicx_fast.models.resnet import ResNet18
+
+    weights = ResNet18(num_classes=1000).state_dict()
+    torch.save(weights, tmp_path / "resnet18.pth")
+    run = tmp_path / "run"
+    assert train.main(["--data", str(phantom_npy), "--out", str(run), "--init", str(tmp_path / "resnet18.pth"),
+                       "--lr", "1e-12", "--max-steps", "1", *TINY]) == 0
+    assert "backbone initialised from" in capsys.readouterr().out
+    model = load(run / "final.pt")["model"]
+    for k in ("conv1.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight"):
+        torch.testing.assert_close(model[f"backbone.{k}"], weights[k], rtol=0, atol=1e-6)
+    # a wrong --init stops before any work, naming the file
+    with pytest.raises(SystemExit, match=r"--init .*nowhere.pth"):
+        train.main(["--data", str(phantom_npy), "--out", str(tmp_path / "run2"), "--init",
+                    str(tmp_path / "nowhere.pth"), *TINY])
+    assert not (tmp_path / "run2").exists()
+
+
 def test_run_folder_and_checkpoint_contract(phantom_npy, tmp_path):
     run = tmp_path / "run"
     assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "3", "--ckpt-every", "2",
