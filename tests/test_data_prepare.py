@@ -143,6 +143,13 @@ def test_rle_matches_loop_decoder_on_real_rows_and_roundtrips():
         assert rle_encode(m) == (rle.strip() if rle.strip() != "-1" else "-1")
     with pytest.raises(ValueError, match="runs past the image"):
         rle_decode("10 5", 3, 3)
+    # the same mask in absolute starts (standard Kaggle RLE) runs past the image: the error says why
+    rle = next(r for _, r in rows if len(r.split()) > 20)
+    nums = np.array(rle.split(), dtype=np.int64)
+    starts = np.cumsum(nums[0::2] + nums[1::2]) - nums[1::2]
+    absolute = " ".join(f"{a} {n}" for a, n in zip(starts.tolist(), nums[1::2].tolist()))
+    with pytest.raises(ValueError, match=r"runs past the image.*like absolute pixel positions"):
+        rle_decode(absolute, 1024, 1024)
 
 
 # ------------------------------------------------------------------------------------------------ label files

@@ -193,9 +193,14 @@ def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
     ends = np.cumsum(starts_rel + lengths)
     starts = ends - lengths
     if ends.size and ends[-1] > height * width:
+        hint = ""
+        if starts_rel.size > 1 and (starts_rel[1:] >= starts_rel[:-1] + lengths[:-1]).all():
+            hint = ("; its starts only grow, like absolute pixel positions (the standard Kaggle RLE), "
+                    "not offsets from the previous run as in SIIM's train-rle.csv: this file is "
+                    "encoded differently, convert it to relative offsets first")
         raise ValueError(
             f"EncodedPixels runs past the image: it ends at pixel {int(ends[-1])}, the image has "
-            f"{height}x{width} = {height * width}"
+            f"{height}x{width} = {height * width}{hint}"
         )
     # one slice assignment per run: masks hold tens to a few thousand runs, and this measured 3x
     # faster than integrating +1/-1 edges over all height*width pixels (benchmarks/bench_prepare.py)
