@@ -165,6 +165,19 @@ def test_jpg_with_crop_on_the_cpu(prepared):
     assert x.shape == (8, 3, 32, 32) and y.shape == (8, 14)
 
 
+def test_a_bare_cuda_device_gets_its_index(monkeypatch):
+    """'cuda' becomes cuda:<current device>: FFCV hands out tensors on cuda:N, and a bare 'cuda'
+    compared unequal to them, so every batch was sent to pin_memory, which fails on CUDA tensors."""
+    from mlvicx_fast.data.loader import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda", 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("cuda", 2)
+
+
 def test_loader_errors_name_the_problem(prepared, tmp_path):
     with pytest.raises(ValueError, match="mode='segment' needs masks"):
         make_loader(prepared / "nih_npy", mode="segment")

@@ -164,6 +164,16 @@ def _ffcv_loader(path, fields, batch_size, workers, indices, shuffle, drop_last,
                       seed=seed, os_cache=True, distributed=distributed)
 
 
+def resolve_device(device=None) -> torch.device:
+    """torch.device of `device` (default: the GPU when there is one), with an index on CUDA: FFCV
+    returns tensors on cuda:N, and torch.device('cuda:0') != torch.device('cuda'), so a bare 'cuda'
+    made every batch look misplaced (and pinning a CUDA tensor fails)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 class PreparedLoader:
     """Iterable of batches on `device` (see the module docstring); len() is batches per epoch."""
 
@@ -186,8 +196,7 @@ class PreparedLoader:
             raise ValueError(f"{data_dir}: mode='segment' needs masks; this folder holds {self.meta['dataset']} "
                              "labels (prepare siim or phantom)")
         self.mode, self.size, self.channels, self.backend, self.out_dtype = mode, size, channels, backend, out_dtype
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         train = split == "train"
         self.shuffle = train if shuffle is None else shuffle
         drop_last = (train and mode == "pretrain") if drop_last is None else drop_last
