@@ -136,7 +136,7 @@ def loop_rrc_mean_area(H, W, n, seed=0):
     return total / n
 
 
-def test_crop_means_are_exact_on_large_bright_images():
+def test_crop_means_are_exact_on_large_bright_images(fresh_seed):
     """The contrast pivot is the crop's mean from an integral image; a 3000 x 3000 white image sums
     to 2.3e9, past int32 (the GPU path used an int32 table, which wrapped there)."""
     x = torch.full((2, 3000, 3000), 255, dtype=torch.uint8)
@@ -145,6 +145,16 @@ def test_crop_means_are_exact_on_large_bright_images():
     p[0, :, A.P_H], p[0, :, A.P_W] = 3000, 3000
     means = A.crop_means(x, p)[0, :, A.P_MEAN]
     assert means.tolist() == pytest.approx([1.0, 0.6], abs=1e-7)
+    # and the recipe's random crops of random images: the mean of each crop's pixels
+    gen = torch.Generator().manual_seed(fresh_seed)
+    x = torch.randint(0, 256, (5, 37, 50), dtype=torch.uint8, generator=gen)
+    p = A.sample_params(5, 37, 50, A.VICREG, gen)
+    got = A.crop_means(x, p)
+    for v in range(2):
+        for n in range(5):
+            y0, x0, h, w = (int(p[v, n, k]) for k in (A.P_Y0, A.P_X0, A.P_H, A.P_W))
+            want = x[n, y0:y0 + h, x0:x0 + w].double().mean().item() / 255
+            assert got[v, n, A.P_MEAN].item() == pytest.approx(want, abs=1e-6)
 
 
 def test_bad_inputs_name_what_is_wrong():
