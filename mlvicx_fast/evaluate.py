@@ -58,6 +58,7 @@ from .progress import progress as progress_bar
 
 PathLike = Union[str, os.PathLike]
 
+PAPER_RUNS = 10  # runs per setting in the paper's paired t-test (DESIGN.md section 6)
 RANDOM = "random"
 RANDOM_NAME = "Random init"
 
@@ -1199,6 +1200,12 @@ def format_comparison(cmp: Dict) -> str:
     for r in cmp["settings"]:
         lines.append(f"| {r['protocol']} | {r['fraction']:g}% | {r['n']} | {f3(r['mean_a'])} | {f3(r['mean_b'])} | "
                      f"{f3(r['mean_diff'])} | {f3(r['t'])} | {fp(r['p'])} |")
+    fewest = min((r["n"] for r in cmp["settings"] if r["n"]), default=0)
+    if fewest < PAPER_RUNS:
+        lines += ["", f"Note: the paper's significance test pairs {PAPER_RUNS} runs per setting, each on its own "
+                      f"resampled label subset; the fewest pairs here are {fewest}, which gives the test little power "
+                      f"(for its protocol run cls/seg with --seeds {' '.join(map(str, range(PAPER_RUNS)))}). At 100 % "
+                      "labels every seed trains on the same images, so only initialisation and order differ."]
     return "\n".join(lines) + "\n"
 
 
@@ -1407,7 +1414,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"frozen (head/decoder only) and/or finetune (default {' '.join(protocols)})")
         s.add_argument("--fractions", nargs="+", default=[f"{f:g}" for f in fractions],
                        help=f"label fractions in percent (default {' '.join(f'{f:g}' for f in fractions)})")
-        s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per setting (default 0 1 2)")
+        s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                       help="seeds per setting (default 0 1 2; the paper's significance test uses 10: 0 1 ... 9)")
         s.add_argument("--with-context", action="store_true", help="keep MLVICX's context blocks in the encoder")
         s.add_argument("--in-chans", type=int, choices=(1, 3), default=None,
                        help="stem channels (default: the checkpoint's)")

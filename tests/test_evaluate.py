@@ -237,6 +237,7 @@ def test_cls_end_to_end_compare_and_heatmap(tmp_path, phantom, run_folder, capsy
     code = ev.main(["compare", str(out), str(out / "results.json"), "--a-method", "MLVICX", "--b-method",
                     "Random init", "--out", str(tmp_path / "cmp.json")])
     assert code == 0
+    assert "the fewest pairs here are 2, which gives the test little power" in capsys.readouterr().out
     cmp = json.loads((tmp_path / "cmp.json").read_text())
     assert len(cmp["settings"]) == 4
     for s in cmp["settings"]:
