@@ -892,6 +892,9 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
     dev = pick_device(device)
     train, val = prepared.split("train"), prepared.split("val")
     has_test = prepared.has("test") and "masks" in prepared.split("test")
+    if not has_test:
+        log(f"note: {prepared.folder} has no test split (prepared before SIIM got one?); the best epoch is "
+            "scored on val, the split that chose it, so the Dice is biased upwards")
     test = prepared.split("test") if has_test else val
     size = image_size
     n_train = len(train["labels"])

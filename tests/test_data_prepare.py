@@ -222,7 +222,7 @@ def test_siim_masks_union_balanced_and_split(tmp_path, fresh_seed):
     rows = make_siim(tmp_path / "siim", rng)
     s = prepare("siim", tmp_path / "siim", tmp_path / "out", size=64, fmt="npy", workers=2, progress=False,
                 seed=fresh_seed)
-    got = written(tmp_path / "out", splits=("train", "val"))
+    got = written(tmp_path / "out", splits=("train", "val", "test"))
     rles = {}
     for iid, rle in rows:
         rles.setdefault(iid, []).append(rle)
@@ -234,7 +234,7 @@ def test_siim_masks_union_balanced_and_split(tmp_path, fresh_seed):
             full |= loop_rle_decode(rle, 1024, 1024)
         assert y[0] == int(full.any())
         assert np.array_equal(mask, fit_square_mask(full, 64)), iid
-    assert s["splits"]["val"]["n"] == round(0.2 * len(got))
+    assert s["splits"]["val"]["n"] == round(0.1 * len(got)) and s["splits"]["test"]["n"] == round(0.2 * len(got))
     # the balanced subset and split are the same for the same seed
     s2 = prepare("siim", tmp_path / "siim", tmp_path / "out2", size=8, fmt="npy", workers=1, progress=False,
                  seed=fresh_seed, limit=None)

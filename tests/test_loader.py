@@ -181,8 +181,8 @@ def test_a_bare_cuda_device_gets_its_index(monkeypatch):
 def test_loader_errors_name_the_problem(prepared, tmp_path):
     with pytest.raises(ValueError, match="mode='segment' needs masks"):
         make_loader(prepared / "nih_npy", mode="segment")
-    with pytest.raises(ValueError, match="split 'test' is empty or absent; available: \\['train', 'val'\\]"):
-        make_loader(prepared / "siim_npy", split="test", mode="segment")
+    with pytest.raises(ValueError, match="split 'holdout' is empty or absent; available: \\['train', 'val', 'test'\\]"):
+        make_loader(prepared / "siim_npy", split="holdout", mode="segment")
     with pytest.raises(FileNotFoundError, match="no meta.json"):
         make_loader(tmp_path)
     with pytest.raises(ValueError, match="mode must be one of"):

@@ -16,7 +16,8 @@ Splits: NIH keeps the official test list; its train_val list is divided into tra
 patient (seeded). VinBig and RSNA ship one labelled set; it is divided into train/val/test at
 random (seeded). SIIM: as many positive as negative images, the larger group drawn down to the
 smaller (seeded; before missing files are dropped, so the kept set can end slightly uneven), then
-a seeded 20% validation split. A label file without its required columns, a label name outside the known
+a seeded train/val/test split (70/10/20 % by default: segmentation stops early on val and is
+scored on test). A label file without its required columns, a label name outside the known
 set, or a malformed value stops with an error naming the file, the line and what was expected.
 """
 from __future__ import annotations
@@ -288,8 +289,11 @@ def scan_rsna(root, seed: int = 0, val_fraction: float = 0.1, test_fraction: flo
 # ----------------------------------------------------------------------------------------------
 # SIIM-ACR Pneumothorax
 # ----------------------------------------------------------------------------------------------
-def scan_siim(root, seed: int = 0, val_fraction: float = 0.2, balanced: bool = True, csv_path=None, **_) -> Scan:
-    _check_fractions(val_fraction, 0.0)
+def scan_siim(root, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2, balanced: bool = True,
+              csv_path=None, **_) -> Scan:
+    # a test split of its own: evaluate's segmentation stops early on val, so scoring val as well
+    # would report the best of up to 100 epochs on the split that chose the epoch
+    _check_fractions(val_fraction, test_fraction)
     root = Path(root)
     csv_path = Path(csv_path) if csv_path else _find_file(
         root, ["train-rle.csv", "stage_2_train.csv"], "SIIM label file"
@@ -318,7 +322,7 @@ def scan_siim(root, seed: int = 0, val_fraction: float = 0.2, balanced: bool = T
         keep_pos = sorted(pos[j] for j in rng.choice(len(pos), size=k, replace=False)) if k else []
         notes["left out to balance positives and negatives"] = len(ids) - 2 * k
         ids = sorted(keep_pos + keep_neg)
-    split = _random_split(ids, {"val": val_fraction}, seed + 1)
+    split = _random_split(ids, {"test": test_fraction, "val": val_fraction}, seed + 1)
     files = _index_files([root], (".dcm", ".dicom", ".png"))
     records = [
         Record(i, files.get(i), split[i], np.array([1 if rles[i] else 0], dtype=np.uint8), rles[i]) for i in ids

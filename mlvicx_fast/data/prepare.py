@@ -334,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most N images per split (the first listed), for trials")
     p.add_argument("--seed", type=int, default=0, help="seed of the val/test splits, the SIIM balancing, and the phantom")
     p.add_argument("--val-fraction", type=float, default=None,
-                   help="validation share (NIH: of train_val patients, default 0.1; VinBig/RSNA 0.1; SIIM 0.2)")
-    p.add_argument("--test-fraction", type=float, default=None, help="VinBig/RSNA test share (default 0.2)")
+                   help="validation share (NIH: of train_val patients, default 0.1; VinBig/RSNA/SIIM 0.1)")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="VinBig/RSNA/SIIM test share (default 0.2; NIH has its official test list)")
     p.add_argument("--csv", dest="csv_path", default=None, help="label file to use instead of the default name under --root")
     p.add_argument("--n", type=int, default=2000, help="phantom: number of images (default 2000)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
