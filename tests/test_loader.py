@@ -86,6 +86,22 @@ def test_pretrain_two_views(prepared, kind):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
 
 
+@pytest.mark.parametrize("kind", ["nih", "nih_npy"])
+def test_seeds_do_not_share_orders_an_epoch_apart(prepared, kind):
+    """FFCV orders epoch e by seed + e, so seed 4's first epoch was seed 3's second: two seeds of
+    one experiment saw the same sequence of orders, shifted by one epoch."""
+    if kind == "nih" and not HAS_FFCV:
+        pytest.skip("ffcv is not installed")
+
+    def order(seed, epoch):
+        L = make_loader(prepared / kind, mode="classify", batch_size=8, size=24, workers=1, seed=seed, with_index=True)
+        L.set_epoch(epoch)
+        return np.concatenate([i.numpy() for _, _, i in L])
+
+    first = order(3, 1)
+    assert np.array_equal(first, order(3, 1)) and not np.array_equal(first, order(4, 0))
+
+
 @needs_ffcv
 def test_ffcv_leaves_torch_threads_alone(prepared):
     """FFCV sets torch's thread count on import, on Loader() and on iter(Loader); training on a CPU

@@ -161,7 +161,9 @@ def _ffcv_loader(path, fields, batch_size, workers, indices, shuffle, drop_last,
         return Loader(str(path), batch_size=batch_size, num_workers=workers,
                       order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, drop_last=drop_last,
                       pipelines=pipelines, indices=None if indices is None else list(map(int, indices)),
-                      seed=seed, os_cache=True, distributed=distributed)
+                      # FFCV orders epoch e by seed + e: spread the seeds, or seed s + 1 would replay
+                      # seed s's orders one epoch later (seed 0 keeps its orders)
+                      seed=seed * 100_003 % 2**31, os_cache=True, distributed=distributed)
 
 
 def resolve_device(device=None) -> torch.device:
