@@ -48,7 +48,7 @@ def convert_stem(state_dict, prefix: str, in_chans: int, mean=IMAGENET_MEAN, std
     is off by ~20 % at the stem with per-channel statistics."""
     key = prefix + "conv1.weight"
     w = state_dict.get(key)
-    if w is None or w.dim() != 4 or w.shape[1] == in_chans or (w.shape[1], in_chans) not in ((1, 3), (3, 1)):
+    if w is None or w.dim() != 4 or (w.shape[1], in_chans) not in ((1, 3), (3, 1)):
         return state_dict
     out = dict(state_dict)
     if in_chans == 3:
