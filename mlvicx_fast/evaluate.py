@@ -530,7 +530,7 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
     bar = progress_bar(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
-        total, seen = 0.0, 0
+        total, seen = torch.zeros((), device=device), 0  # summed on the device: no host sync per step
         perm = torch.randperm(n, generator=g)  # drawn every epoch, so the loader does not shift the seeds
         batches = ((prepare(train_x, idx), yt[idx]) for idx in _batches(n, batch, perm, min_last=2)) \
             if train_loader is None else ((x.float(), y.float()) for x, y in train_loader if len(y) > 1)
@@ -540,8 +540,9 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(targets)
+            total += loss.detach() * len(targets)
             seen += len(targets)
+        total = float(total)
         model.eval()
         probs = _predict(lambda i: model(prepare(val_x, i)), len(val_y), eval_batch)
         if np.isfinite(probs).all():
@@ -930,7 +931,7 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
                     bar = progress_bar(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
                     for epoch in bar:
                         model.train()
-                        total, seen = 0.0, 0
+                        total, seen = torch.zeros((), device=dev), 0  # on the device: no sync per step
                         for idx in _batches(len(rows), bs, torch.randperm(len(rows), generator=g), min_last=2):
                             x = to_input(train["images"][rows[idx]], chans, dev, size)
                             y = masks_input(train["masks"][rows[idx]], dev, size)
@@ -939,8 +940,9 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
                             opt.zero_grad(set_to_none=True)
                             loss.backward()
                             opt.step()
-                            total += loss.item() * len(idx)
+                            total += loss.detach() * len(idx)
                             seen += len(idx)
+                        total = float(total)
                         d = _seg_dice(model, val["images"], val["masks"], chans, dev, bs, size)["dice"]
                         if stopper.step(d):
                             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
