@@ -560,8 +560,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         # cuBLAS needs a fixed workspace for reproducible results (read when its handle is made)
         os.environ.setdefault("MLVICX_AUTOTUNE", "0")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and device.index is not None:
+    from .data.loader import make_loader, resolve_device
+
+    device = resolve_device(cfg.device)  # cuda gets its index, as the loader's batches have
+    if device.type == "cuda":
         # streams, CUDA-graph capture and the Triton launches all use the current device
         torch.cuda.set_device(device)
 
@@ -570,8 +572,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg.init and resumed is None:  # so does a wrong --init; a resumed run has its own weights
         init_state = load_init(cfg.init, cfg.in_chans)
         say(f"backbone initialised from {cfg.init}")
-    from .data.loader import make_loader
-
     view_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
     loader = make_loader(data_dir, split=split, mode="pretrain", batch_size=cfg.batch_size // world,
                          size=cfg.image_size, workers=cfg.workers or None, device=device, seed=cfg.seed,
