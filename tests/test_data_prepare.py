@@ -107,17 +107,40 @@ def test_dicom_luts_monochrome1_and_compressed(tmp_path, fresh_seed):
     assert j.shape == a8.shape and np.abs(j.astype(int) - a8).mean() < 4
 
 
-def test_dicom_without_decoder_names_the_package(tmp_path):
+def test_dicom_without_decoder_names_the_package(tmp_path, monkeypatch):
+    """No installed plugin for the file's compression: a MissingDecoderError (it stops the run)
+    that names what to install. The plugins are hidden from pydicom, so the test does not depend
+    on which decoders this machine has."""
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import JPEG2000Lossless
+
     from mlvicx_fast.data.images import MissingDecoderError
 
     write_dicom(tmp_path / "j2k.dcm", np.zeros((8, 8), np.uint16), syntax="j2k-no-decoder")
-    try:
-        import openjpeg  # noqa: F401
-        pytest.skip("pylibjpeg-openjpeg is installed here, so JPEG 2000 has a decoder")
-    except ImportError:
-        pass
+    monkeypatch.setattr(get_decoder(JPEG2000Lossless), "_available", {})
     with pytest.raises(MissingDecoderError, match="pylibjpeg-openjpeg"):
         read_image(tmp_path / "j2k.dcm")
+
+
+def test_corrupt_or_private_dicom_is_unreadable_not_a_missing_decoder(tmp_path):
+    """A damaged compressed file whose decoder is installed, or a transfer syntax pydicom does not
+    decode at all, is one unreadable image (skipped, with the reason), not a stop of the run."""
+    from mlvicx_fast.data.images import ImageError
+
+    a8 = (np.add.outer(np.arange(32), np.arange(32)) * 4).astype(np.uint8)
+    write_dicom(tmp_path / "j.dcm", a8, syntax="jpeg")
+    raw = (tmp_path / "j.dcm").read_bytes()
+    soi = raw.index(b"\xff\xd8\xff")  # the JPEG stream: keep its headers, garble its scan data
+    (tmp_path / "bad.dcm").write_bytes(raw[:soi + 400] + bytes(len(raw) - soi - 400))
+    with pytest.raises(ImageError, match="unreadable DICOM pixel data"):
+        read_image(tmp_path / "bad.dcm")
+    import pydicom
+
+    ds = pydicom.dcmread(str(tmp_path / "j.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.99.1"  # a private syntax
+    ds.save_as(str(tmp_path / "private.dcm"))
+    with pytest.raises(ImageError, match="unreadable DICOM pixel data"):
+        read_image(tmp_path / "private.dcm")
 
 
 def loop_rle_decode(rle, h, w):

@@ -87,6 +87,18 @@ _DECODER_HINT = {
 }
 
 
+def _no_decoder_installed(ts) -> bool:
+    """Whether pydicom decodes this transfer syntax with a plugin, and none of its plugins is
+    installed. A decoder that is installed but failed (corrupt data), or a syntax pydicom does not
+    decode at all (private, unknown), is False: that file is unreadable, not the whole run."""
+    try:
+        from pydicom.pixels.decoders.base import get_decoder
+
+        return not get_decoder(ts).is_available
+    except (NotImplementedError, ValueError):
+        return False
+
+
 def read_dicom(path) -> np.ndarray:
     """A DICOM file as a 2-D uint8 array (modality LUT, VOI LUT/window, MONOCHROME1 inverted)."""
     try:
@@ -94,7 +106,7 @@ def read_dicom(path) -> np.ndarray:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pragma: no cover - pydicom is a dependency of the data extra
         raise MissingDecoderError(
-            f"{path}: reading DICOM needs pydicom (pip install pydicom, or mlvicx-fast[data])"
+            f"{path}: reading DICOM needs pydicom >= 3.0 (pip install 'pydicom>=3', or mlvicx-fast[data])"
         ) from None
     try:
         ds = pydicom.dcmread(str(path))
@@ -107,9 +119,7 @@ def read_dicom(path) -> np.ndarray:
         arr = ds.pixel_array
     except Exception as e:
         msg = str(e)
-        if ts is not None and ts.is_compressed and (
-            "missing" in msg.lower() or "plugin" in msg.lower() or "no pixel data decoders" in msg.lower()
-        ):
+        if ts is not None and _no_decoder_installed(ts):
             pkg = _DECODER_HINT.get(str(ts), "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
             raise MissingDecoderError(
                 f"{path}: pixel data is compressed as {ts.name} ({ts}) and no installed decoder "
