@@ -175,6 +175,109 @@ def test_rle_matches_loop_decoder_on_real_rows_and_roundtrips():
         rle_decode(absolute, 1024, 1024)
 
 
+def loop_rle_decode_absolute(rle, h, w):
+    """Independent decoder of the standard Kaggle RLE: 1-based absolute starts, column-major."""
+    flat = np.zeros(h * w, np.uint8)
+    nums = [int(t) for t in rle.split()]
+    for start, length in zip(nums[0::2], nums[1::2]):
+        flat[start - 1:start - 1 + length] = 1
+    return flat.reshape(w, h).T
+
+
+def test_rle_absolute_form_and_telling_the_forms_apart():
+    """The same real masks in both forms: each decodes to the same mask, and rle_form names the
+    form of each set of rows (relative offsets never come in order as positions)."""
+    from mlvicx_fast.data.images import rle_form
+
+    _, _, rows = excerpt_rows("siim_train-rle.csv.gz")
+    relative = [r.strip() for _, r in rows if r.strip() != "-1"]
+    absolute = []
+    for rle in relative:
+        m = rle_decode(rle, 1024, 1024)
+        a = rle_encode(m, "absolute")
+        assert np.array_equal(loop_rle_decode_absolute(a, 1024, 1024), m)
+        assert np.array_equal(rle_decode(a, 1024, 1024, "absolute"), m)
+        absolute.append(a)
+    assert rle_form(relative) == "relative" and rle_form(absolute) == "absolute"
+    assert rle_form([]) == "relative" and rle_form(absolute[:1] + relative[:1]) == "relative"
+    # a small mask far left stays inside the image when read as relative: in order, but not past it
+    assert rle_form(["10 3 1030 3"]) == "relative"
+    with pytest.raises(ValueError, match="start of 0"):
+        rle_decode("0 4", 8, 8, "absolute")
+    with pytest.raises(ValueError, match="runs past the image"):
+        rle_decode("60 8", 8, 8, "absolute")
+    with pytest.raises(ValueError, match="rle form must be"):
+        rle_decode("1 2", 8, 8, "standard")
+
+
+def _siim_rows_to(root, name, form):
+    """Rewrite make_siim's train-rle.csv as `name` in `form`; returns {image id: [rle rows]}."""
+    _, _, rows = excerpt_rows("siim_train-rle.csv.gz")
+    (root / "train-rle.csv").unlink()
+    out = {}
+    with open(root / name, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageId", "EncodedPixels"])
+        for iid, rle in rows:
+            rle = rle.strip()
+            if rle != "-1":
+                rle = rle_encode(rle_decode(rle, 1024, 1024), form)
+            w.writerow([iid, rle])
+            out.setdefault(iid, []).append(rle)
+    return out
+
+
+def test_siim_stage2_file_in_absolute_form_is_read_as_such(tmp_path, fresh_seed):
+    """stage_2_train.csv in the standard (absolute) RLE: found, told apart, every mask right."""
+    rng = np.random.default_rng(fresh_seed)
+    make_siim(tmp_path / "siim", rng)
+    rles = _siim_rows_to(tmp_path / "siim", "stage_2_train.csv", "absolute")
+    s = prepare("siim", tmp_path / "siim", tmp_path / "out", size=64, fmt="npy", workers=2, progress=False,
+                seed=fresh_seed)
+    assert s["rle_form"] == "absolute" and s["mask_grid"] is None and not s["skipped"]
+    got = written(tmp_path / "out")
+    assert sum(int(y[0]) for y, *_ in got.values()) > 0
+    for iid, (y, _, mask, _) in got.items():
+        full = np.zeros((1024, 1024), np.uint8)
+        for rle in rles[iid]:
+            if rle != "-1":
+                full |= loop_rle_decode_absolute(rle, 1024, 1024)
+        assert y[0] == int(full.any()) and np.array_equal(mask, fit_square_mask(full, 64)), iid
+    # forcing the other form: every positive is skipped with the reason and how to read it
+    s = prepare("siim", tmp_path / "siim", tmp_path / "out2", size=64, fmt="npy", workers=1, progress=False,
+                seed=fresh_seed, rle="relative")
+    assert s["rle_form"] == "relative"
+    assert all("--rle absolute" in why for why in s["skipped"]) and sum(s["skipped"].values()) > 0
+
+
+def test_siim_mask_grid_for_downsized_copies(tmp_path, fresh_seed):
+    """PNG copies at 256 px with the original 1024 x 1024 RLE rows: --mask-grid 1024 gives the
+    masks of the originals; without it, a mask that runs past the small image is skipped with a hint."""
+    rng = np.random.default_rng(fresh_seed)
+    _, _, rows = excerpt_rows("siim_train-rle.csv.gz")
+    root = tmp_path / "siim"
+    root.mkdir()
+    rles = {}
+    for iid, rle in rows:
+        rles.setdefault(iid, []).append(rle.strip())
+    with open(root / "train-rle.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageId", " EncodedPixels"])
+        w.writerows(rows)
+    for iid in rles:
+        write_png(root / "png" / f"{iid}.png", rng.integers(0, 256, (256, 256), dtype=np.uint8))
+    s = prepare("siim", root, tmp_path / "out", size=64, fmt="npy", workers=2, progress=False, seed=fresh_seed,
+                mask_grid=1024)
+    assert s["mask_grid"] == 1024 and not s["skipped"]
+    for iid, (y, _, mask, _) in written(tmp_path / "out").items():
+        full = np.zeros((1024, 1024), np.uint8)
+        for rle in rles[iid]:
+            full |= loop_rle_decode(rle, 1024, 1024)
+        assert np.array_equal(mask, fit_square_mask(full, 64)), iid
+    s = prepare("siim", root, tmp_path / "out2", size=64, fmt="npy", workers=1, progress=False, seed=fresh_seed)
+    assert s["skipped"] and all("--mask-grid 1024" in why for why in s["skipped"])
+
+
 # ------------------------------------------------------------------------------------------------ label files
 @pytest.mark.parametrize("old_csv", [False, True])
 def test_nih_labels_row_by_row(tmp_path, fresh_seed, old_csv):
@@ -308,6 +411,24 @@ def test_cli_strict_help_and_errors(tmp_path, fresh_seed):
     (tmp_path / "nih" / "Data_Entry_2017_v2020.csv").write_text("Image Index,Findings\n")
     r = run_cli("nih", "--root", tmp_path / "nih", "--out", tmp_path / "o", "--format", "npy", "--quiet")
     assert r.returncode == 1 and "Data_Entry_2017_v2020.csv" in r.stderr and "Finding Labels" in r.stderr
+
+
+def test_cli_fails_when_nothing_is_kept_and_on_bad_fractions(tmp_path, fresh_seed):
+    """A --root whose label files are there but not its images (the wrong folder) is an error, not
+    a dataset of empty splits with status 0; the run keeps skipped.csv to show why. NIH's
+    --val-fraction is checked as the others' are (a negative one had sliced the split backwards)."""
+    rng = np.random.default_rng(fresh_seed)
+    make_nih(tmp_path / "nih", rng)
+    for d in (tmp_path / "nih").glob("images_*"):
+        os.rename(d, tmp_path / f"moved-{d.name}")
+    r = run_cli("nih", "--root", tmp_path / "nih", "--out", tmp_path / "o", "--format", "npy", "--quiet")
+    assert r.returncode == 1 and "none of the" in r.stderr and "file not found" in r.stderr, r.stderr
+    assert (tmp_path / "o" / "skipped.csv").is_file() and not (tmp_path / "o" / "meta.json").exists()
+    for bad in ("-0.1", "1.5"):
+        r = run_cli("nih", "--root", tmp_path / "nih", "--out", tmp_path / "o", "--format", "npy", "--quiet",
+                    "--val-fraction", bad)
+        assert r.returncode == 1 and f"val_fraction must be in [0, 1), got {float(bad)}" in r.stderr, r.stderr
+    assert "RuntimeWarning" not in r.stderr  # python -m of a module the package had imported already
 
 
 @pytest.mark.skipif(not HAS_FFCV, reason="ffcv is not installed (scripts/setup.sh --dev installs it)")

@@ -10,7 +10,8 @@ labels; SIIM also its RLE rows) plus the class names. Nothing is decoded here; `
 |         | + train_val_list.txt, test_list.txt (splits)      |                                 |
 | vinbig  | train.csv (image_id, class_name[, class_id])      | train/<image_id>.dicom|.dcm|.png|
 | rsna    | stage_2_train_labels.csv (patientId, Target)      | stage_2_train_images/<id>.dcm   |
-| siim    | train-rle.csv (ImageId, EncodedPixels)            | **/<ImageId>.dcm|.png           |
+| siim    | train-rle.csv or stage_2_train.csv                | **/<ImageId>.dcm|.png           |
+|         | (ImageId, EncodedPixels; relative or absolute RLE)|                                 |
 
 Splits: NIH keeps the official test list; its train_val list is divided into train and val by
 patient (seeded). VinBig and RSNA ship one labelled set; it is divided into train/val/test at
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+
+from .images import RLE_FORMS, rle_form
 
 __all__ = [
     "NIH_LABELS", "VINBIG_LABELS", "RSNA_LABELS", "SIIM_LABELS", "Record", "Scan", "LabelFileError",
@@ -73,6 +76,7 @@ class Scan:
     records: List[Record]
     task: str  # "multilabel", "binary" or "segmentation"
     notes: Dict[str, int] = field(default_factory=dict)  # counts of rows left out, by reason
+    rle_form: str = ""  # SIIM only: how its EncodedPixels are encoded, relative or absolute (images.rle_form)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +192,7 @@ def _read_list(path: Path) -> List[str]:
 
 
 def scan_nih(root, seed: int = 0, val_fraction: float = 0.1, csv_path=None, **_) -> Scan:
+    _check_fractions(val_fraction, 0.0)  # NIH's test split is its official list
     root = Path(root)
     csv_path = Path(csv_path) if csv_path else _find_file(
         root, ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"], "NIH label file"
@@ -290,10 +295,12 @@ def scan_rsna(root, seed: int = 0, val_fraction: float = 0.1, test_fraction: flo
 # SIIM-ACR Pneumothorax
 # ----------------------------------------------------------------------------------------------
 def scan_siim(root, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2, balanced: bool = True,
-              csv_path=None, **_) -> Scan:
+              csv_path=None, rle: str = "auto", **_) -> Scan:
     # a test split of its own: evaluate's segmentation stops early on val, so scoring val as well
     # would report the best of up to 100 epochs on the split that chose the epoch
     _check_fractions(val_fraction, test_fraction)
+    if rle not in ("auto",) + RLE_FORMS:
+        raise ValueError(f"--rle must be auto, {' or '.join(RLE_FORMS)}, got {rle!r}")
     root = Path(root)
     csv_path = Path(csv_path) if csv_path else _find_file(
         root, ["train-rle.csv", "stage_2_train.csv"], "SIIM label file"
@@ -327,7 +334,8 @@ def scan_siim(root, seed: int = 0, val_fraction: float = 0.1, test_fraction: flo
     records = [
         Record(i, files.get(i), split[i], np.array([1 if rles[i] else 0], dtype=np.uint8), rles[i]) for i in ids
     ]
-    return Scan("siim", SIIM_LABELS, records, "segmentation", notes)
+    form = rle_form(r for lst in rles.values() for r in lst) if rle == "auto" else rle
+    return Scan("siim", SIIM_LABELS, records, "segmentation", notes, rle_form=form)
 
 
 SCANNERS = {"nih": scan_nih, "vinbig": scan_vinbig, "rsna": scan_rsna, "siim": scan_siim}

@@ -17,10 +17,13 @@ Pixel pipeline (the same for every dataset):
    pneumothorax) out of the image while keeping their label. Masks go through the same geometry
    (box filter, then threshold at 1/2) so they stay aligned with their image.
 
-SIIM-ACR masks (``train-rle.csv``): ``EncodedPixels`` holds pairs ``start length``; the first
-start is an offset from pixel 0, each later start an offset from the end of the previous run;
-pixels are numbered column-major (down the first column first) over the image's width x height.
-``-1`` means an empty mask; several rows of one ImageId are unioned.
+SIIM-ACR masks: ``EncodedPixels`` holds pairs ``start length`` over pixels numbered column-major
+(down the first column first) on the image's width x height. In ``train-rle.csv`` (the first
+release) the form is *relative*: the first start is an offset from pixel 0, each later start an
+offset from the end of the previous run. Kaggle's stage-2 ``stage_2_train.csv`` is said to use the
+standard Kaggle form instead, *absolute*: each start is a 1-based pixel position. `rle_form` tells
+the two apart over a whole file. ``-1`` means an empty mask; several rows of one ImageId are
+unioned.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "ImageError", "MissingDecoderError", "read_image", "read_png", "read_dicom", "fit_square",
-    "fit_square_mask", "rle_decode", "rle_encode", "to_uint8",
+    "fit_square_mask", "rle_decode", "rle_encode", "rle_form", "RLE_FORMS", "to_uint8",
 ]
 
 
@@ -185,31 +188,70 @@ def fit_square_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return (small >= 128).astype(np.uint8)
 
 
-def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
-    """SIIM relative-offset, column-major RLE -> (height, width) uint8 mask of 0/1 ('-1' = empty)."""
-    rle = (rle or "").strip()
-    mask = np.zeros(height * width, dtype=np.uint8)
-    if rle in ("-1", ""):
-        return mask.reshape(width, height).T.copy()
+RLE_FORMS = ("relative", "absolute")
+
+
+def _rle_pairs(rle: str) -> Tuple[np.ndarray, np.ndarray]:
     try:
         nums = np.array(rle.split(), dtype=np.int64)
     except ValueError:
         raise ValueError(f"EncodedPixels is not a list of integers: {rle[:40]!r}...") from None
     if nums.size % 2:
         raise ValueError(f"EncodedPixels holds an odd count of numbers ({nums.size}); expected start/length pairs")
-    starts_rel, lengths = nums[0::2], nums[1::2]
-    if (starts_rel < 0).any() or (lengths < 0).any():
+    starts, lengths = nums[0::2], nums[1::2]
+    if (starts < 0).any() or (lengths < 0).any():
         raise ValueError("EncodedPixels holds a negative start or length")
-    ends = np.cumsum(starts_rel + lengths)
-    starts = ends - lengths
-    if ends.size and ends[-1] > height * width:
+    return starts, lengths
+
+
+def _in_order(starts: np.ndarray, lengths: np.ndarray) -> bool:
+    """Whether the pairs read as absolute positions give runs in order, none overlapping."""
+    return bool((starts[1:] >= starts[:-1] + lengths[:-1]).all())
+
+
+def rle_form(rows, n_pixels: int = 1024 * 1024) -> str:
+    """'absolute' or 'relative': how a file's EncodedPixels rows ('-1' rows left out) are encoded.
+
+    Absolute when every row's runs, read as positions, come in order without overlapping, and
+    at least one row read as relative offsets would run past `n_pixels` (SIIM's 1024 x 1024 by
+    default): a well-formed relative file never runs past its images, and relative rows of more
+    than a few runs are not in order as positions (each offset would have to outgrow the last by a
+    run length). Relative otherwise, including a file with no row of two or more runs."""
+    past = False
+    for rle in rows:
+        starts, lengths = _rle_pairs(rle)
+        if starts.size > 1 and not _in_order(starts, lengths):
+            return "relative"
+        past = past or int((starts + lengths).sum()) > n_pixels
+    return "absolute" if past else "relative"
+
+
+def rle_decode(rle: str, height: int, width: int, form: str = "relative") -> np.ndarray:
+    """SIIM column-major RLE (`form` relative or absolute, see the module) -> (height, width)
+    uint8 mask of 0/1 ('-1' or '' = empty)."""
+    if form not in RLE_FORMS:
+        raise ValueError(f"rle form must be one of {RLE_FORMS}, got {form!r}")
+    rle = (rle or "").strip()
+    mask = np.zeros(height * width, dtype=np.uint8)
+    if rle in ("-1", ""):
+        return mask.reshape(width, height).T.copy()
+    given, lengths = _rle_pairs(rle)
+    if form == "absolute":
+        if (given < 1).any():
+            raise ValueError("EncodedPixels holds a start of 0; absolute (standard Kaggle) RLE counts pixels from 1")
+        starts = given - 1
+        ends = starts + lengths
+    else:
+        ends = np.cumsum(given + lengths)
+        starts = ends - lengths
+    if ends.size and ends.max() > height * width:
         hint = ""
-        if starts_rel.size > 1 and (starts_rel[1:] >= starts_rel[:-1] + lengths[:-1]).all():
+        if form == "relative" and given.size > 1 and _in_order(given, lengths):
             hint = ("; its starts only grow, like absolute pixel positions (the standard Kaggle RLE), "
-                    "not offsets from the previous run as in SIIM's train-rle.csv: this file is "
-                    "encoded differently, convert it to relative offsets first")
+                    "not offsets from the previous run as in SIIM's train-rle.csv: prepare reads that "
+                    "form with --rle absolute")
         raise ValueError(
-            f"EncodedPixels runs past the image: it ends at pixel {int(ends[-1])}, the image has "
+            f"EncodedPixels runs past the image: it ends at pixel {int(ends.max())}, the image has "
             f"{height}x{width} = {height * width}{hint}"
         )
     # one slice assignment per run: masks hold tens to a few thousand runs, and this measured 3x
@@ -219,8 +261,10 @@ def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
     return mask.reshape(width, height).T.copy()
 
 
-def rle_encode(mask: np.ndarray) -> str:
-    """Inverse of `rle_decode`: a 0/1 (height, width) mask -> SIIM relative RLE ('-1' if empty)."""
+def rle_encode(mask: np.ndarray, form: str = "relative") -> str:
+    """Inverse of `rle_decode`: a 0/1 (height, width) mask -> SIIM RLE of that form ('-1' if empty)."""
+    if form not in RLE_FORMS:
+        raise ValueError(f"rle form must be one of {RLE_FORMS}, got {form!r}")
     flat = (np.asarray(mask).T.reshape(-1) > 0).astype(np.int8)
     if not flat.any():
         return "-1"
@@ -228,6 +272,5 @@ def rle_encode(mask: np.ndarray) -> str:
     starts = np.flatnonzero(d == 1)
     ends = np.flatnonzero(d == -1)
     lengths = ends - starts
-    prev_end = np.concatenate([[0], ends[:-1]])
-    rel = starts - prev_end
-    return " ".join(f"{s} {n}" for s, n in zip(rel.tolist(), lengths.tolist()))
+    given = starts + 1 if form == "absolute" else starts - np.concatenate([[0], ends[:-1]])
+    return " ".join(f"{s} {n}" for s, n in zip(given.tolist(), lengths.tolist()))

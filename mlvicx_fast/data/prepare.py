@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -46,29 +47,43 @@ class StrictError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # stage 1: decode one image (runs in the worker processes)
 # ----------------------------------------------------------------------------------------------
+SIIM_GRID = 1024  # the side of SIIM's DICOMs, on which its RLE masks are drawn
+
+
 def _load_one(task):
-    """(k, path, size, rle rows or None) -> (k, image uint8 (size,size) | None, mask | None, reason)."""
-    k, path, size, rles = task
+    """(k, path, size, (rle rows, form, grid) or None) -> (k, image uint8 (size,size) | None, mask | None, reason).
+
+    A mask is decoded on the image's own height x width, or on a grid x grid square (--mask-grid:
+    downsized copies of SIIM's 1024 x 1024 originals) that then takes the image's geometry."""
+    k, path, size, mask_task = task
     try:
         img = read_image(path)
         mask = None
-        if rles is not None:
+        if mask_task is not None:
+            rles, form, grid = mask_task
             h, w = img.shape
-            full = np.zeros((h, w), dtype=np.uint8)
+            if grid and h != w:
+                raise ImageError(f"--mask-grid {grid} needs square images; this one is {h}x{w}")
+            gh, gw = (grid, grid) if grid else (h, w)
+            full = np.zeros((gh, gw), dtype=np.uint8)
             for rle in rles:
                 try:
-                    full |= rle_decode(rle, h, w)
+                    full |= rle_decode(rle, gh, gw, form)
                 except ValueError as e:
-                    raise ImageError(f"mask does not fit the {h}x{w} image: {e}") from None
+                    hint = (f" (SIIM's masks are drawn on its {SIIM_GRID}x{SIIM_GRID} originals: for a smaller "
+                            f"copy pass --mask-grid {SIIM_GRID})" if not grid and max(h, w) < SIIM_GRID else "")
+                    raise ImageError(f"mask does not fit the {gh}x{gw} {'grid' if grid else 'image'}: {e}{hint}") from None
             mask = fit_square_mask(full, size)
         return k, fit_square(img, size), mask, ""
     except ImageError as e:
         return k, None, None, str(e)
 
 
-def _decode_all(records: List[Record], size: int, workers: int, with_mask: bool, tmp: Path,
+def _decode_all(records: List[Record], size: int, workers: int, mask_spec, tmp: Path,
                 strict: bool, progress: bool):
-    """Decode into memmaps; returns (images, masks|None, reasons list ('' = kept))."""
+    """Decode into memmaps; returns (images, masks|None, reasons list ('' = kept)). mask_spec:
+    None (no masks) or (rle form, grid or None)."""
+    with_mask = mask_spec is not None
     n = len(records)
     images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(max(n, 1), size, size))
     masks = (np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(max(n, 1), size, size))
@@ -81,7 +96,7 @@ def _decode_all(records: List[Record], size: int, workers: int, with_mask: bool,
             if strict:
                 raise StrictError(f"--strict: {r.image_id} ({r.split}) is listed but its image file was not found")
         else:
-            tasks.append((k, str(r.path), size, r.rle if with_mask else None))
+            tasks.append((k, str(r.path), size, (r.rle, *mask_spec) if with_mask else None))
     bar = progress_bar(total=len(tasks), desc="decode", unit="img", disable=not progress)
     pool = None
     try:
@@ -168,14 +183,17 @@ def _write_npy(out: Path, split: str, rows: _Rows):
 # ----------------------------------------------------------------------------------------------
 def prepare(dataset: str, root, out, size: int = 256, fmt: str = "jpg", workers: Optional[int] = None,
             strict: bool = False, limit: Optional[int] = None, seed: int = 0, progress: bool = True,
-            **scan_options) -> Dict:
-    """Prepare one dataset; returns the summary that is also written to OUT/meta.json."""
+            mask_grid: Optional[int] = None, **scan_options) -> Dict:
+    """Prepare one dataset; returns the summary that is also written to OUT/meta.json.
+    mask_grid: SIIM masks are decoded on a mask_grid x mask_grid square (default: the image's size)."""
     if dataset not in SCANNERS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(SCANNERS)}")
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if not 8 <= size <= 4096:
         raise ValueError(f"size must be in [8, 4096], got {size}")
+    if mask_grid is not None and mask_grid < 1:
+        raise ValueError(f"--mask-grid must be a positive side in pixels, got {mask_grid}")
     if fmt in ("jpg", "raw") and not ffcv_available():
         raise RuntimeError(f"--format {fmt} writes FFCV .beton files and needs ffcv (scripts/setup.sh --dev "
                            "installs it); --format npy works without it")
@@ -201,18 +219,25 @@ def prepare(dataset: str, root, out, size: int = 256, fmt: str = "jpg", workers:
     with_mask = scan.task == "segmentation"
     n_classes = len(scan.classes)
     try:
-        images, masks, reasons = _decode_all(records, size, workers, with_mask, tmp, strict, progress)
+        images, masks, reasons = _decode_all(records, size, workers, (scan.rle_form, mask_grid) if with_mask else None,
+                                             tmp, strict, progress)
         skipped = [(r, why) for r, why in zip(records, reasons) if why]
         with open(out / "skipped.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["image_id", "split", "path", "reason"])
             for r, why in skipped:
                 w.writerow([r.image_id, r.split, str(r.path) if r.path else "", why])
+        if records and len(skipped) == len(records):
+            why = "; ".join(f"{r} ({n})" for r, n in Counter(w for _, w in skipped).most_common(3))
+            raise RuntimeError(f"none of the {len(records)} listed images was kept ({why}); nothing written but "
+                               f"{out / 'skipped.csv'} (is --root the dataset folder as downloaded?)")
         summary = {
             "dataset": scan.dataset, "task": scan.task, "classes": list(scan.classes), "size": size,
             "format": fmt, "seed": seed, "root": str(root.resolve()), "splits": {},
             "skipped": {}, "left_out": scan.notes, "fields": ["image", "labels", "index"] + (["mask"] if with_mask else []),
         }
+        if with_mask:
+            summary.update(rle_form=scan.rle_form, mask_grid=mask_grid)
         for _, why in skipped:
             summary["skipped"][why] = summary["skipped"].get(why, 0) + 1
         shutil.rmtree(out / ".decoded", ignore_errors=True)  # evaluate's decoded copies of the old files
@@ -261,6 +286,12 @@ def print_summary(s: Dict, out) -> None:
     for why, n in s.get("left_out", {}).items():
         if n:
             print(f"  left out {n}: {why}")
+    if "rle_form" in s:
+        print(f"  masks: {s['rle_form']} RLE, decoded on " + (f"a {s['mask_grid']}x{s['mask_grid']} grid" if s["mask_grid"]
+                                                              else "each image's own size"))
+    kept = sum(info["n"] for info in s["splits"].values())
+    if n_skip > kept:
+        print(f"  warning: more images were skipped ({n_skip}) than kept ({kept})", file=sys.stderr)
 
 
 def ensure_phantom(out="data/phantom", n: int = 2000, seed: int = 0, size: int = 256, fmt: Optional[str] = None,
@@ -304,7 +335,7 @@ what it reads (--root, as downloaded):
           images*/**/*.png
   vinbig  train.csv (image_id, class_name, class_id, rad_id, ...), train/*.dicom
   rsna    stage_2_train_labels.csv (patientId, ..., Target), stage_2_train_images/*.dcm
-  siim    train-rle.csv (ImageId, EncodedPixels), **/*.dcm
+  siim    train-rle.csv or stage_2_train.csv (ImageId, EncodedPixels), **/*.dcm
   phantom nothing: generates a synthetic set (NIH layout) under OUT/raw first
 what it writes (--out):
   <split>.beton (--format jpg|raw) or <split>_images.npy + _labels.npy (--format npy),
@@ -338,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=None,
                    help="VinBig/RSNA/SIIM test share (default 0.2; NIH has its official test list)")
     p.add_argument("--csv", dest="csv_path", default=None, help="label file to use instead of the default name under --root")
+    p.add_argument("--rle", choices=("auto", "relative", "absolute"), default=None,
+                   help="SIIM: how EncodedPixels is encoded: relative offsets (train-rle.csv), absolute 1-based "
+                        "positions (the standard Kaggle form, stage_2_train.csv), or auto (default: told apart "
+                        "from the file, the form is written to meta.json)")
+    p.add_argument("--mask-grid", type=int, default=None,
+                   help="SIIM: decode masks on an N x N grid, then give them the image's geometry (for downsized "
+                        "copies of the 1024 x 1024 originals: --mask-grid 1024; default: the image's own size)")
     p.add_argument("--n", type=int, default=2000, help="phantom: number of images (default 2000)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -364,7 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"prepare {args.dataset}: --root is required (the dataset folder as downloaded)", file=sys.stderr)
             return 2
         s = prepare(args.dataset, args.root, args.out, val_fraction=args.val_fraction,
-                    test_fraction=args.test_fraction, csv_path=args.csv_path, **common)
+                    test_fraction=args.test_fraction, csv_path=args.csv_path, rle=args.rle,
+                    mask_grid=args.mask_grid, **common)
         print_summary(s, args.out)
         return 0
     except (LabelFileError, MissingDecoderError, StrictError, FileNotFoundError, ValueError, RuntimeError) as e:
