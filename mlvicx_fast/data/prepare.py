@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -146,8 +147,9 @@ class _Rows:
         return out
 
 
-def _write_beton(path: Path, rows: _Rows, n_classes: int, size: int, fmt: str, workers: int):
+def _write_beton(path: Path, rows: _Rows, n_classes: int, size: int, fmt: str, workers: int, progress: bool):
     with keep_torch_threads():
+        import ffcv.writer
         from ffcv.fields import IntField, NDArrayField, RGBImageField
         from ffcv.writer import DatasetWriter
 
@@ -160,7 +162,12 @@ def _write_beton(path: Path, rows: _Rows, n_classes: int, size: int, fmt: str, w
     if rows.masks is not None:
         fields["mask"] = NDArrayField(np.dtype("u1"), (size, size))
     writer = DatasetWriter(str(path), fields, num_workers=max(1, workers))
-    writer.from_indexed_dataset(rows, chunksize=64)
+    bar = ffcv.writer.tqdm  # FFCV's writer always draws a bar; --quiet turns it off
+    ffcv.writer.tqdm = bar if progress else functools.partial(bar, disable=True)
+    try:
+        writer.from_indexed_dataset(rows, chunksize=64)
+    finally:
+        ffcv.writer.tqdm = bar
 
 
 def _write_npy(out: Path, split: str, rows: _Rows):
@@ -263,7 +270,7 @@ def prepare(dataset: str, root, out, size: int = 256, fmt: str = "jpg", workers:
                     images.flush()
                     if masks is not None:
                         masks.flush()
-                    _write_beton(out / f"{split}.beton", rows, n_classes, size, fmt, workers)
+                    _write_beton(out / f"{split}.beton", rows, n_classes, size, fmt, workers, progress)
                     info["files"] = [f"{split}.beton"]
             summary["splits"][split] = info
         summary["seconds"] = round(time.perf_counter() - t0, 2)
