@@ -21,25 +21,32 @@ PathLike = Union[str, os.PathLike]
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """torch.save(obj) to path through a temporary file and an atomic rename."""
+def _atomic_write(path: PathLike, write, mode: str) -> Path:
+    """write(f) into a temporary file beside path, flushed to disk, then renamed over path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a saved file gets the usual mode
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """torch.save(obj) to path through a temporary file and an atomic rename."""
+    return _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """A text file written through a temporary file and an atomic rename."""
+    return _atomic_write(path, lambda f: f.write(text), "w")
 
 
 def _umask() -> int:
@@ -61,7 +68,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # saved by a process that saw more GPUs than this one (rank 0 of 8, resumed on 1): the
+        # devices this process has (the training step draws nothing from the CUDA generators)
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 class CheckpointManager:
