@@ -35,11 +35,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointManager, atomic_save, load, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, atomic_save, atomic_write_text, load, rng_state, set_rng_state
 from .nn.loss import MLVICXLoss
 from .optim import LARS, scaled_lr, warmup_cosine_lr
 
 BUILTIN_LR = 1.0  # peak lr of the built-in default run (see resolve)
+PHANTOM_SEED = 0  # the built-in phantom set's
 TERMS = ("global/inv", "global/var", "global/cov", "multi/inv", "multi/var", "multi/cov")
 
 
@@ -51,18 +52,24 @@ class Config:
     data: Optional[str] = field(default=None, metadata=dict(
         help="prepared dataset folder or .beton file (default: the built-in phantom set, built once and cached)"))
     preset: str = field(default="paper", metadata=dict(
-        choices=["paper", "official"], help="network/optimiser preset: paper (D=2048) or official (D=4096, final BN)"))
+        choices=["paper", "official"], help="network preset: paper (D=2048) or official (D=4096, final BN; default "
+                                             "batch 256); the optimiser is the official code's for both"))
     dim: int = field(default=0, metadata=dict(help="expander width D (0: the preset's, 2048 paper / 4096 official)"))
-    epochs: int = field(default=0, metadata=dict(help="epochs (0: 300, or the built-in default's)"))
-    batch_size: int = field(default=0, metadata=dict(help="images per view per step, over all processes (0: default)"))
+    epochs: int = field(default=0, metadata=dict(
+        help="epochs (0: 300; the built-in default run: 4 on a CPU, 100 on a GPU)"))
+    batch_size: int = field(default=0, metadata=dict(
+        help="images per view per step, over all processes (0: 64 paper, 256 official; the built-in default "
+             "run: 32 on a CPU)"))
     lr: float = field(default=0.0, metadata=dict(
-        help="peak learning rate (0: base_lr * batch_size / 256; 1.0 for the built-in default run)"))
-    base_lr: float = field(default=0.2, metadata=dict(help="learning rate per 256 images (official 0.2)"))
+        help="peak learning rate (0: base_lr * batch_size / 256; the built-in default run: 1.0 unless --base-lr "
+             "is given)"))
+    base_lr: Optional[float] = field(default=None, metadata=dict(
+        help="learning rate per 256 images, the official code's (default: 0.2)"))
     warmup_epochs: Optional[float] = field(default=None, metadata=dict(
         help="linear warmup length in epochs (default: 2, the official code; 10%% of a built-in default run)"))
     weight_decay: float = field(default=1e-6, metadata=dict(help="LARS weight decay (official 1e-6)"))
     lambda_: float = field(default=1.0, metadata=dict(
-        flag="--lambda", help="weight of the multi-level loss (0: plain VICReg, global only)"))
+        flag="--lambda", metavar="LAMBDA", help="weight of the multi-level loss (0: plain VICReg, global only)"))
     global_weight: float = field(default=1.0, metadata=dict(help="weight of the global loss (0: multi-level only)"))
     image_size: int = field(default=0, metadata=dict(help="view side in pixels (0: 224; 128 for the built-in default on a CPU)"))
     in_chans: int = field(default=3, metadata=dict(choices=[1, 3], help="network input channels (3: gray replicated)"))
@@ -115,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = {"int": int, "float": float, "Optional[float]": float}.get(str(f.type), str)
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
+            if "metavar" in f.metadata:
+                kw["metavar"] = f.metadata["metavar"]
         p.add_argument(_flag(f), **kw)
     return p
 
@@ -125,7 +134,10 @@ def read_config_file(path: str) -> Dict[str, Any]:
     if not p.is_file():
         raise SystemExit(f"train: config file {path} does not exist")
     if p.suffix == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10: the same parser as the tomli package
+            import tomli as tomllib
 
         raw = tomllib.loads(p.read_text())
     elif p.suffix in (".yaml", ".yml"):
@@ -206,7 +218,11 @@ def on_cuda(device: str) -> bool:
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill the 'auto' values for this machine."""
+    """Fill the 'auto' values for this machine; paths made absolute (config.json then names the
+    same files from any working directory, so --resume works from anywhere)."""
+    for name in ("data", "init"):
+        if getattr(cfg, name):
+            setattr(cfg, name, str(Path(getattr(cfg, name)).expanduser().absolute()))
     cuda = on_cuda(cfg.device)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("train: --device cuda asked for, but torch sees no CUDA device")
@@ -235,8 +251,27 @@ def resolve(cfg: Config) -> Config:
         # the official rule gives 0.025 at batch 32, and LARS (eta 1e-3) then moves the weights by
         # ~2.5e-5 of their norm per step: a built-in run of a few hundred steps learns nothing.
         # Measured on the phantom demo: peak lr 1.0 gives +0.053 mean AUC over random init, 0.025 +0.024.
-        cfg.lr = BUILTIN_LR if builtin else scaled_lr(cfg.base_lr, cfg.batch_size)
+        cfg.lr = BUILTIN_LR if builtin and cfg.base_lr is None else scaled_lr(cfg.base_lr or 0.2, cfg.batch_size)
+    if cfg.base_lr is None:
+        cfg.base_lr = 0.2
+    check_values(cfg)
     return cfg
+
+
+def check_values(cfg: Config) -> None:
+    """Values no run can use stop here, before the run folder is made."""
+    bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} (must be >= {low})"
+           for name, low in (("epochs", 1), ("batch_size", 1), ("keep", 1), ("max_steps", 0), ("ckpt_every", 0),
+                             ("warmup_epochs", 0), ("lr", 0), ("weight_decay", 0), ("image_size", 16), ("dim", 0),
+                             ("phantom_n", 16), ("log_every", 1))
+           if getattr(cfg, name) < low]
+    bad += [f"{flag} {getattr(cfg, name)} (must be >= 0)" for name, flag in (("lambda_", "--lambda"),
+                                                                              ("global_weight", "--global-weight"))
+            if getattr(cfg, name) < 0]
+    if cfg.lambda_ == 0 and cfg.global_weight == 0:
+        bad.append("--lambda 0 with --global-weight 0 (no loss left to train on)")
+    if bad:
+        raise SystemExit("train: " + "; ".join(bad))
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,13 +389,15 @@ def cache_dir() -> Path:
 def resolve_data(cfg: Config):
     """(prepared folder, split) for --data; with none, the built-in phantom set (built once, cached)."""
     if cfg.data is None:
-        root = cache_dir() / f"phantom-n{cfg.phantom_n}-seed{cfg.seed}"
+        # one phantom set whatever --seed says: the seed varies the run (order, augmentation,
+        # initialisation), not the data, and a new seed does not build another set
+        root = cache_dir() / f"phantom-n{cfg.phantom_n}-seed{PHANTOM_SEED}"
         if is_main():
             from .data.prepare import ensure_phantom
 
             if not (root / "nih" / "meta.json").is_file():
                 say(f"building the built-in phantom chest X-ray set ({cfg.phantom_n} images) in {root} (once)")
-            ensure_phantom(root, n=cfg.phantom_n, seed=cfg.seed)
+            ensure_phantom(root, n=cfg.phantom_n, seed=PHANTOM_SEED)
         if dist.is_initialized():
             dist.barrier()
         return root / "nih", "train"
@@ -398,25 +435,36 @@ class RunLog:
     """log.csv (a row per logged step), epochs.csv, TensorBoard events when tensorboard is installed."""
 
     STEP_COLUMNS = ["step", "epoch", "lr", "loss", *TERMS, "pairs_per_s", "elapsed_s"]
+    EPOCH_COLUMNS = ["epoch", "steps", "mean_loss", "seconds"]
 
-    def __init__(self, run: Path, resume: bool):
-        """resume: append to the run's files (a resumed run in a new --out folder starts them)."""
-        self._steps, self.steps = self._open(run / "log.csv", self.STEP_COLUMNS, resume)
-        self._epochs, self.epochs = self._open(run / "epochs.csv", ["epoch", "steps", "mean_loss", "seconds"], resume)
+    def __init__(self, run: Path, resume_step: Optional[int], steps_per_epoch: int):
+        """resume_step: the step a resumed run continues from. Its files are kept up to that step
+        and continued; rows past it (logged after the checkpoint, by the run that stopped or by a
+        continuation being replaced) are dropped, so the log never holds a step twice. The epoch
+        that step is in is logged again when it ends. None (a new run): the files start anew."""
+        keep_step = (lambda r: int(r["step"]) <= resume_step) if resume_step is not None else None
+        keep_epoch = (lambda r: int(r["epoch"]) < resume_step // steps_per_epoch) if resume_step is not None else None
+        self._steps, self.steps = self._open(run / "log.csv", self.STEP_COLUMNS, keep_step)
+        self._epochs, self.epochs = self._open(run / "epochs.csv", self.EPOCH_COLUMNS, keep_epoch)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run / "tensorboard"))
+            # purge_step drops the events of the steps past the resumed one, as the csv rows
+            self.tb = SummaryWriter(str(run / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
         except Exception:  # noqa: BLE001 - tensorboard is optional
             self.tb = None
 
     @staticmethod
-    def _open(path: Path, columns: List[str], append: bool):
-        append = append and path.is_file() and path.stat().st_size > 0
-        f = open(path, "a" if append else "w", newline="")
+    def _open(path: Path, columns: List[str], keep):
+        rows = []
+        if keep is not None and path.is_file():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if keep(r)]
+        f = open(path, "w", newline="")
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        if not append:
-            writer.writeheader()
+        writer.writeheader()
+        writer.writerows(rows)
         return f, writer
 
     def step(self, row: Dict[str, float]) -> None:
@@ -428,8 +476,14 @@ class RunLog:
 
     def epoch(self, row: Dict[str, float]) -> None:
         self.epochs.writerow(row)
-        self._steps.flush()
-        self._epochs.flush()
+
+    def flush(self) -> None:
+        """To disk (before each checkpoint, so a killed run's log holds every step it saved)."""
+        for f in (self._steps, self._epochs):
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            self.tb.flush()
 
     def close(self) -> None:
         self._steps.close()
@@ -476,7 +530,8 @@ def plot_losses(run: Path) -> Optional[Path]:
 # checkpoint. The last four change how a step runs, not what it computes (precision changes its
 # rounding): a run moved from a GPU to a CPU needs them.
 RESUME_OVERRIDES = ("resume", "out", "max_steps", "workers", "log_every", "ckpt_every", "keep", "device",
-                    "cuda_graph", "compile", "channels_last", "precision")
+                    "cuda_graph", "compile", "channels_last", "precision",
+                    "data")  # the same dataset moved (its steps per epoch are checked against the run's)
 
 
 def find_checkpoint(path: str) -> Tuple[Path, Dict[str, Any]]:
@@ -484,7 +539,13 @@ def find_checkpoint(path: str) -> Tuple[Path, Dict[str, Any]]:
     checkpoint that loads (a damaged newer one is reported and passed over)."""
     p = Path(path)
     if p.is_file():
-        return p, load(p)
+        state = load(p)
+        missing = [k for k in ("optimizer", "rng", "step", "config") if k not in state]
+        if missing:
+            raise SystemExit(f"train: --resume {path}: not a training checkpoint (it has no {', '.join(missing)}"
+                             f"{'; final.pt holds the weights only' if p.name == 'final.pt' else ''}); resume from "
+                             "the run folder or one of its checkpoints/ckpt-*.pt")
+        return p, state
     manager = CheckpointManager(p / "checkpoints")
     found = manager.list() if p.is_dir() else []
     good = manager.load_latest() if found else None
@@ -512,6 +573,9 @@ def resume_config(given: Dict[str, Any], ckpt_path: Path, saved: Dict[str, Any])
     if "out" not in given:
         folder = run_folder_of(ckpt_path)
         out["out"] = str(folder) if folder is not None else saved["out"]
+    if str(out["device"]).startswith("cuda") and "device" not in given and not torch.cuda.is_available():
+        say(f"--resume: the run was on {out['device']} and this machine has no CUDA device; continuing on the CPU")
+        out["device"] = "cpu"
     if out["cuda_graph"] and "cuda_graph" not in given and not on_cuda(out["device"]):
         say("--resume: this machine has no CUDA device; continuing without the run's CUDA graph")
         out["cuda_graph"] = False
@@ -581,6 +645,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if steps_per_epoch == 0:
         raise SystemExit(f"train: {data_dir} split {split!r} holds fewer images than one batch of "
                          f"{cfg.batch_size // world}; lower --batch-size")
+    if resumed is not None and resumed.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise SystemExit(f"train: --resume: {data_dir} split {split!r} gives {steps_per_epoch} steps per epoch, the run "
+                         f"took {resumed['steps_per_epoch']}: not the dataset the run was started on")
     schedule_steps = cfg.epochs * steps_per_epoch  # the lr schedule spans all epochs ...
     total_steps = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps  # ... --max-steps only stops early
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
@@ -589,19 +656,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg.out = str(run)
     if is_main():
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     ckpts = CheckpointManager(run / "checkpoints", keep=cfg.keep)
     if resumed is not None and is_main():
         # resuming from an older checkpoint of this folder: its later ones belong to the
         # continuation being replaced; moved aside, they neither crowd out the new ones when
         # --keep prunes nor get picked by a later --resume
         later = [path for s, path in ckpts.list() if s > resumed["step"]]
+        final = run / "final.pt"  # so is a final.pt of theirs: evaluate would take it for this run's
+        if final.is_file() and load(final).get("step", 0) > resumed["step"]:
+            later.append(final)
         if later:
             aside = ckpts.folder / f"abandoned-after-{resumed['step']:08d}"
             aside.mkdir(exist_ok=True)
             for path in later:
                 path.rename(aside / path.name)
-            say(f"--resume from step {resumed['step']}: moved the {len(later)} later checkpoints to {aside}")
+            say(f"--resume from step {resumed['step']}: moved the {len(later)} later checkpoint file(s) to {aside}")
 
     # network, loss, optimiser, and the step that uses them
     parts = build_training(cfg, device, world, backbone_state=init_state)
@@ -616,6 +686,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         set_rng_state(resumed["rng"])
         step = resumed["step"]
         say(f"resuming {run} at step {step} from {ckpt_path}")
+        if step >= total_steps:
+            say(f"--resume: the run has taken all its {total_steps} steps already; nothing to train "
+                "(--max-steps sets a later stop)")
     present = [cfg.global_weight != 0] * 3 + [cfg.lambda_ != 0] * 3
     run_step = parts.step
     if cfg.cuda_graph:
@@ -623,7 +696,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         run_step = GraphedStep(parts.step, model, opt)
 
-    log = RunLog(run, resume=resumed is not None) if is_main() else None
+    log = RunLog(run, step if resumed is not None else None, steps_per_epoch) if is_main() else None
     stop = {"requested": 0}  # the signal number asked to stop with, 0 for none
 
     def on_signal(signum, frame):
@@ -658,10 +731,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                     step=step, epoch=step // steps_per_epoch, config=dataclasses.asdict(cfg))
 
     def save(reason: str) -> Optional[Path]:
+        # a finite loss does not make finite weights: the update after it can still overflow (one
+        # inf gradient element is NaN through LARS's trust ratio). Every process checks (DDP keeps
+        # them equal), so all stop together, and a checkpoint is only ever one to resume from.
+        if not finite_state(model, opt):
+            raise NonFiniteLoss(f"non-finite parameters or momenta after the update of step {step} "
+                                "(its loss was finite)")
         if not is_main():
             return None
+        if log is not None:
+            log.flush()  # the log holds every step the checkpoint does, whatever stops the run next
         state = dict(weights_state(), optimizer=_optimizer_state(opt), scaler=scaler.state_dict(),
-                     rng=rng_state(), reason=reason)
+                     rng=rng_state(), reason=reason, steps_per_epoch=steps_per_epoch,
+                     epoch_losses=list(epoch_losses))  # the losses so far of the epoch in progress
         return ckpts.save(step, state)
 
     from .progress import progress
@@ -671,7 +753,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     pending_lrs: List[float] = []
     pending: List[torch.Tensor] = []
     t_last, steps_last, start = time.perf_counter(), step, time.perf_counter()
-    epoch_losses: List[float] = []
+    # a run resumed inside an epoch averages that epoch over all its steps, not the ones after the resume
+    epoch_losses: List[float] = list(resumed.get("epoch_losses", [])) if resumed and step % steps_per_epoch else []
     status = 0
     # what the first step does beyond a step (so a long silence on a GPU has a stated cause)
     first_call = " and ".join(what for what, on in (("compiling the network", cfg.compile),
@@ -718,8 +801,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     if problem:  # the finite steps before it are logged
                         raise NonFiniteLoss(problem)
                     last = vals[-1].tolist()
-                    bar.set_postfix(refresh=False, loss=f"{last[0]:.3f}", inv=f"{last[1]:.3g}", var=f"{last[2]:.3g}",
-                                    cov=f"{last[3]:.3g}", pairs_s=f"{rate:.0f}")
+                    inv, var, cov = last[1:4] if cfg.global_weight != 0 else last[4:7]  # the global terms, if trained
+                    bar.set_postfix(refresh=False, loss=f"{last[0]:.3f}", inv=f"{inv:.3g}", var=f"{var:.3g}",
+                                    cov=f"{cov:.3g}", pairs_s=f"{rate:.0f}")
                     bar.update(len(pending))
                     pending_steps, pending_lrs, pending = [], [], []
                 if ckpt_due:
@@ -755,6 +839,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         plot = plot_losses(run)
         say(f"done: {step} steps; run folder {run} (final.pt, log.csv{', loss.png' if plot else ''})")
     return status
+
+
+def finite_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> bool:
+    """Whether every parameter and every floating-point optimiser state is finite (one host sync)."""
+    tensors = list(model.parameters()) + [t for st in opt.state.values() for t in st.values()
+                                          if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _optimizer_state(opt: LARS) -> Dict[str, Any]:

@@ -1,6 +1,7 @@
 """python -m mlvicx_fast.train: options, run folder, exact resume, NaN stop, Ctrl-C, DDP on gloo."""
 import csv
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -162,8 +163,12 @@ def test_deterministic_fixes_the_loss_kernels_tiles(phantom_npy, tmp_path, monke
     for name in ("MLVICX_AUTOTUNE", "CUBLAS_WORKSPACE_CONFIG"):  # unset now, and again after the test
         monkeypatch.setenv(name, "")  # (delenv of an unset variable records nothing to undo)
         monkeypatch.delenv(name)
-    assert train.main(["--data", str(phantom_npy), "--out", str(tmp_path / "run"), "--max-steps", "1",
-                       "--deterministic", *TINY]) == 0
+    try:
+        assert train.main(["--data", str(phantom_npy), "--out", str(tmp_path / "run"), "--max-steps", "1",
+                           "--deterministic", *TINY]) == 0
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:  # a process-wide switch: the tests after this one run as before
+        torch.use_deterministic_algorithms(False)
     assert os.environ["MLVICX_AUTOTUNE"] == "0" and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
@@ -218,10 +223,13 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(phantom_npy, 
     assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "4", "--ckpt-every", "1",
                        "--keep", "2", *TINY]) == 0
     assert train.main(["--resume", str(run / "checkpoints" / "ckpt-00000003.pt"), "--max-steps", "4"]) == 0
-    assert "moved the 1 later checkpoints" in capsys.readouterr().out
+    # the abandoned continuation's final.pt goes with its checkpoint: evaluate would take it for the run's
+    assert "moved the 2 later checkpoint file(s)" in capsys.readouterr().out
     assert [p.name for p in sorted((run / "checkpoints").glob("ckpt-*.pt"))] == ["ckpt-00000003.pt",
                                                                                 "ckpt-00000004.pt"]
-    assert (run / "checkpoints" / "abandoned-after-00000003" / "ckpt-00000004.pt").is_file()
+    aside = run / "checkpoints" / "abandoned-after-00000003"
+    assert (aside / "ckpt-00000004.pt").is_file() and load(aside / "final.pt")["step"] == 4
+    assert load(run / "final.pt")["step"] == 4 and [r["step"] for r in _rows(run)] == ["1", "2", "3", "4"]
 
 
 def test_resume_passes_over_a_damaged_newest_checkpoint(phantom_npy, tmp_path, capsys):
@@ -264,6 +272,132 @@ def test_non_finite_loss_stops_naming_step_and_term(phantom_npy, tmp_path, monke
     code = train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "5", *TINY, "--log-every", "5"])
     assert code == 1 and "non-finite loss at step 3" in capsys.readouterr().out
     assert [r["step"] for r in _rows(run)] == ["1", "2"]
+
+
+def test_non_finite_weights_after_a_finite_loss_are_never_saved(phantom_npy, tmp_path, monkeypatch, capsys):
+    """One inf gradient element at step 2 (the loss of step 2 is finite): LARS's update makes the
+    weights NaN. The run stops at that step's checkpoint instead of saving it, and the checkpoint
+    it names as the last good one holds finite weights (so it can be resumed)."""
+    class Overflow(train.LARS):
+        calls = 0
+
+        def step(self, closure=None):
+            Overflow.calls += 1
+            if Overflow.calls == 2:
+                p = next(q for q in self.param_groups[0]["params"] if q.ndim > 1 and q.grad is not None)
+                p.grad[(0,) * p.ndim] = float("inf")
+            return super().step(closure)
+
+    monkeypatch.setattr(train, "LARS", Overflow)
+    run = tmp_path / "run"
+    code = train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "4", "--ckpt-every", "1", *TINY])
+    out = capsys.readouterr().out
+    assert code == 1 and "non-finite parameters or momenta after the update of step 2" in out, out
+    assert "last good checkpoint:" in out and "ckpt-00000001.pt" in out
+    assert [p.name for p in (run / "checkpoints").glob("ckpt-*.pt")] == ["ckpt-00000001.pt"]
+    state = load(run / "checkpoints" / "ckpt-00000001.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (run / "final.pt").exists()
+
+
+def test_log_is_on_disk_at_every_checkpoint_and_a_resume_never_logs_a_step_twice(phantom_npy, tmp_path, monkeypatch):
+    """log.csv holds every step a checkpoint holds when that checkpoint is written (a kill -9 after
+    it loses no rows); resuming from an older checkpoint drops the rows past it, so each step is
+    logged once; the epoch row averages the epoch's steps from before and after the resume."""
+    seen = []
+    save = train.CheckpointManager.save
+
+    def save_and_look(self, step, state):
+        seen.append((step, [int(r["step"]) for r in _rows(self.folder.parent)]))
+        return save(self, step, state)
+
+    monkeypatch.setattr(train.CheckpointManager, "save", save_and_look)
+    run = tmp_path / "run"
+    args = ["--data", str(phantom_npy), *TINY, "--ckpt-every", "2"]
+    assert train.main([*args, "--out", str(run), "--max-steps", "3"]) == 0
+    assert seen == [(2, [1, 2]), (3, [1, 2, 3])]
+    assert train.main(["--resume", str(run / "checkpoints" / "ckpt-00000002.pt"), "--max-steps", "0"]) == 0
+    rows = _rows(run)
+    steps_per_epoch = load(run / "final.pt")["step"]  # TINY: one epoch
+    assert [int(r["step"]) for r in rows] == list(range(1, steps_per_epoch + 1))
+    with open(run / "epochs.csv") as f:
+        (epoch,) = list(csv.DictReader(f))
+    assert int(epoch["steps"]) == steps_per_epoch
+    assert float(epoch["mean_loss"]) == pytest.approx(sum(float(r["loss"]) for r in rows) / steps_per_epoch, rel=1e-12)
+    # an uninterrupted run logs the same losses
+    assert train.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert [r["loss"] for r in _rows(tmp_path / "whole")] == [r["loss"] for r in rows]
+
+
+def test_resume_from_another_directory_and_with_the_dataset_moved(phantom_npy, tmp_path, monkeypatch, capsys):
+    """config.json names --data as an absolute path, so --resume works from any working directory;
+    --data may be given again for a moved copy of the dataset, not for another dataset."""
+    import shutil
+
+    monkeypatch.chdir(phantom_npy.parent)
+    run = tmp_path / "run"
+    assert train.main(["--data", phantom_npy.name, "--out", str(run), "--max-steps", "2", *TINY]) == 0
+    assert json.loads((run / "config.json").read_text())["data"] == str(phantom_npy)
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--resume", str(run), "--max-steps", "3"]) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(phantom_npy, moved)
+    assert train.main(["--resume", str(run), "--max-steps", "4", "--data", str(moved)]) == 0
+    assert json.loads((run / "config.json").read_text())["data"] == str(moved)
+    assert [r["step"] for r in _rows(run)] == ["1", "2", "3", "4"]
+    other = ensure_phantom(tmp_path / "other", n=160, seed=4, size=48, fmt="npy") / "nih"
+    with pytest.raises(SystemExit, match=r"steps per epoch, the run took .*not the dataset the run was started on"):
+        train.main(["--resume", str(run), "--max-steps", "5", "--data", str(other)])
+
+
+def test_resume_of_a_weights_only_file_is_a_clear_error(phantom_npy, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "1", *TINY]) == 0
+    with pytest.raises(SystemExit, match=r"not a training checkpoint \(it has no optimizer, rng; final.pt holds "
+                                         r"the weights only\)"):
+        train.main(["--resume", str(run / "final.pt")])
+
+
+def test_values_no_run_can_use_stop_before_the_run_folder(tmp_path, phantom_npy):
+    for flags, match in ((["--keep", "0"], r"--keep 0 \(must be >= 1\)"),
+                         (["--max-steps", "-1"], r"--max-steps -1 \(must be >= 0\)"),
+                         (["--lambda", "0", "--global-weight", "0"], "no loss left to train on"),
+                         (["--lambda", "-1"], r"--lambda -1.0 \(must be >= 0\)")):
+        out = tmp_path / "never"
+        with pytest.raises(SystemExit, match=match):
+            train.main(["--data", str(phantom_npy), "--out", str(out), *TINY, *flags])
+        assert not out.exists(), flags
+
+
+def test_builtin_run_lr_and_phantom_set(monkeypatch, tmp_path):
+    """The built-in run's peak lr 1.0 gives way to an explicit --base-lr; its phantom set is the same
+    one whatever --seed the run has (the seed varies the run, not its data)."""
+    assert train.resolve(train.Config(device="cpu")).lr == 1.0
+    assert train.resolve(train.Config(device="cpu", base_lr=0.4, batch_size=64)).lr == pytest.approx(0.1)
+    assert train.resolve(train.Config(device="cpu", data=str(tmp_path))).lr == pytest.approx(0.2 * 64 / 256)
+    import mlvicx_fast.data.prepare as prep
+
+    built = []
+    monkeypatch.setattr(prep, "ensure_phantom", lambda root, n, seed: built.append((Path(root).name, seed)))
+    monkeypatch.setenv("MLVICX_CACHE", str(tmp_path))
+    for seed in (0, 5):
+        train.resolve_data(train.resolve(train.Config(device="cpu", seed=seed)))
+    assert built == [("phantom-n2000-seed0", 0)] * 2
+
+
+def test_cuda_rng_states_restored_for_the_devices_this_process_has(monkeypatch):
+    """A checkpoint of rank 0 under 8 GPUs holds 8 CUDA generator states; a 1-GPU resume sets one."""
+    from mlvicx_fast import checkpoint
+
+    state = checkpoint.rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8) + k for k in range(8)]
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append((int(s[0]), device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("all", len(states))))
+    checkpoint.set_rng_state(state)
+    assert calls == [(0, 0)]
 
 
 def _start_and_wait(cmd, run, **popen):
