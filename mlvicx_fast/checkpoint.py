@@ -74,6 +74,16 @@ def set_rng_state(state: Dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, device)
 
 
+def make_deterministic() -> None:
+    """Reproducible runs on a GPU too: deterministic torch algorithms (a warning where an op has
+    none), the loss kernels' fixed tiles and products instead of timing them (MLVICX_AUTOTUNE=0:
+    two processes may time differently), and the fixed cuBLAS workspace reproducible results need
+    (read when cuBLAS makes its handle, so before the first matrix product on the GPU)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("MLVICX_AUTOTUNE", "0")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 class CheckpointManager:
     """Step checkpoints in one folder: save atomically, keep the newest `keep`, load the newest good one."""
 

@@ -1430,6 +1430,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (default 10)")
         s.add_argument("--image-size", type=int, default=None, help="resize inputs to this side (default: as stored)")
         s.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+        s.add_argument("--deterministic", action="store_true",
+                       help="deterministic algorithms, so a seed's run repeats exactly on a GPU too (slower; "
+                            "a CPU run repeats without it)")
         s.add_argument("--out", required=True, help="output folder (created)")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -1544,6 +1547,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         _require_eval_packages()
         if args.command in ("cls", "seg"):
+            if args.deterministic:
+                from .checkpoint import make_deterministic
+
+                make_deterministic()
             run = run_cls if args.command == "cls" else run_seg
             kwargs = dict(protocols=args.protocol, fractions=_fraction_list(args.fractions), seeds=args.seeds,
                           with_context=args.with_context, in_chans=args.in_chans, batch=args.batch, lr=args.lr,

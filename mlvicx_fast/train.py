@@ -35,7 +35,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointManager, atomic_save, atomic_write_text, load, rng_state, set_rng_state
+from .checkpoint import (CheckpointManager, atomic_save, atomic_write_text, load, make_deterministic, rng_state,
+                         set_rng_state)
 from .nn.loss import MLVICXLoss
 from .optim import LARS, scaled_lr, warmup_cosine_lr
 
@@ -619,11 +620,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg.cuda_graph = False
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # the loss kernels' tuner picks tiles and products by timing, so two processes may differ;
-        # cuBLAS needs a fixed workspace for reproducible results (read when its handle is made)
-        os.environ.setdefault("MLVICX_AUTOTUNE", "0")
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        make_deterministic()
     from .data.loader import make_loader, resolve_device
 
     device = resolve_device(cfg.device)  # cuda gets its index, as the loader's batches have

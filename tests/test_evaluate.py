@@ -286,6 +286,24 @@ def test_cls_end_to_end_compare_and_heatmap(tmp_path, phantom, run_folder, capsy
         ev.run_heatmap(run_folder / "final.pt", tmp_path / "x", images=[png], progress=False)
 
 
+def test_deterministic_cls_repeats_a_seed_exactly(tmp_path, phantom, run_folder, monkeypatch):
+    """--deterministic switches the deterministic algorithms on (the GPU's non-deterministic
+    kernels; a CPU run repeats anyway) and two runs of a seed give the same scores."""
+    for name in ("MLVICX_AUTOTUNE", "CUBLAS_WORKSPACE_CONFIG"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    args = ["cls", "--data", str(phantom / "nih"), "--ckpt", f"MLVICX={run_folder}", "--protocol", "finetune",
+            "--fractions", "50", "--seeds", "3", "--epochs", "1", "--batch", "16", "--quiet", "--deterministic"]
+    try:
+        assert ev.main([*args, "--out", str(tmp_path / "a")]) == 0
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["MLVICX_AUTOTUNE"] == "0"
+        assert ev.main([*args, "--out", str(tmp_path / "b")]) == 0
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in "ab")
+    assert [r["per_class_auc"] for r in a] == [r["per_class_auc"] for r in b]
+
+
 def test_linear_probe_for_the_demo(tmp_path, phantom, run_folder):
     res = ev.linear_probe(phantom / "nih", {"MLVICX": str(run_folder), "Random init": "random"}, fraction=10,
                           seeds=(0, 1), epochs=2, progress=False, log=lambda s: None)
