@@ -1478,7 +1478,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out", required=True, help="output folder (created)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s = sub.add_parser("demo", help="built-in demonstration: pretrain on the phantom set, 10% linear probe vs random init",
+    s = sub.add_parser("demo", help="built-in demonstration: pretrain on the phantom set, 10%% linear probe vs random init",
                        description=DEMO_DOC, formatter_class=raw)
     s.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     s.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="probe seeds (default 0 1 2)")

@@ -369,6 +369,22 @@ def test_siim_masks_union_balanced_and_split(tmp_path, fresh_seed):
     assert s2["splits"]["train"]["n"] == s["splits"]["train"]["n"]
 
 
+def test_image_index_skips_mask_folders_and_prefers_dicom(tmp_path):
+    """Several files per id: a DICOM over its PNG copy, never a mask named like its image, and the
+    same choice whatever order the file system lists them in."""
+    root = tmp_path / "siim"
+    for rel in ("png_masks/a.png", "png_images/a.png", "png_images/b.png", "Masks/b.png",
+                "dicom/1/2/a.dcm", "z/c.png", "y/c.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    found = ds._index_files([root], (".dcm", ".dicom", ".png"))
+    assert found["a"] == root / "dicom/1/2/a.dcm" and found["a.png"] == root / "png_images/a.png"
+    assert found["b"] == root / "png_images/b.png" and found["c"] == root / "y/c.png"
+    # the earlier folder of the list wins over the later (RSNA: stage 2 images before stage 1)
+    found = ds._index_files([root / "z", root], (".png",))
+    assert found["c"] == root / "z/c.png"
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_broken_csv_names_file_and_columns(tmp_path):
     (tmp_path / "Data_Entry_2017.csv").write_text("Image Index,Labels\n00000001_000.png,Mass\n")

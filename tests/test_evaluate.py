@@ -150,6 +150,16 @@ def test_data_folder_hint(phantom):
         ev.PreparedData(phantom)
 
 
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("cls", "seg", "compare", "table", "heatmap", "demo"):
+        assert f"    {command} " in text, command
+    assert "10% linear probe" in text
+
+
 @pytest.mark.parametrize("command", ["cls", "seg", "compare", "table", "heatmap"])
 def test_help_says_what_it_reads_writes_and_an_example(command, capsys):
     with pytest.raises(SystemExit) as e:

@@ -30,7 +30,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -133,18 +133,28 @@ def _find_file(root: Path, names: Iterable[str], what: str) -> Path:
 
 
 def _index_files(dirs: Iterable[Path], suffixes: Sequence[str]) -> Dict[str, Path]:
-    """name -> path, and stem -> path, for every file with one of `suffixes` under `dirs`."""
-    found: Dict[str, Path] = {}
+    """name -> path, and stem -> path, for every file with one of `suffixes` under `dirs`.
+
+    When several files share a stem (a DICOM and a PNG copy of it), the earlier suffix in
+    `suffixes` wins, then the earlier of `dirs`, then the first in sorted path order, so the
+    choice does not depend on the file system's listing order. Folders whose name holds 'mask' are not searched: they hold
+    masks named like their images (png_masks/<ImageId>.png beside png_images/<ImageId>.png)."""
     suffixes = tuple(s.lower() for s in suffixes)
-    for d in dirs:
+    rank: Dict[str, Tuple[int, int, str]] = {}
+    found: Dict[str, Path] = {}
+    for j, d in enumerate(dirs):
         if not d.is_dir():
             continue
-        for dirpath, _, files in os.walk(d):
+        for dirpath, subdirs, files in os.walk(d):
+            subdirs[:] = sorted(x for x in subdirs if "mask" not in x.lower())
             for fn in files:
-                if fn.lower().endswith(suffixes):
-                    p = Path(dirpath) / fn
-                    found.setdefault(fn, p)
-                    found.setdefault(fn.rsplit(".", 1)[0], p)
+                kind = next((i for i, sfx in enumerate(suffixes) if fn.lower().endswith(sfx)), None)
+                if kind is None:
+                    continue
+                p = Path(dirpath) / fn
+                for key in (fn, fn.rsplit(".", 1)[0]):
+                    if key not in rank or (kind, j, str(p)) < rank[key]:
+                        rank[key], found[key] = (kind, j, str(p)), p
     return found
 
 
