@@ -375,7 +375,7 @@ class PreparedData:
                 from ffcv.loader import Loader, OrderOption
         except ImportError:
             raise EvaluationError(f"{path} is an FFCV file and ffcv is not installed; prepare with --format npy "
-                                  "or install ffcv (scripts/setup.sh --dev)") from None
+                                  "or install ffcv (bash scripts/setup.sh)") from None
         jpg = self.meta.get("format") == "jpg"
         pipes = {"image": [SimpleRGBImageDecoder() if jpg else NDArrayDecoder()], "labels": [NDArrayDecoder()],
                  "index": [IntDecoder()]}

@@ -225,7 +225,7 @@ class PreparedLoader:
         else:
             if fmt != "npy":
                 raise RuntimeError(f"{data_dir} holds .beton files (format {fmt}) and ffcv is not installed; "
-                                   "install it (scripts/setup.sh --dev) or prepare with --format npy")
+                                   "install it (bash scripts/setup.sh) or prepare with --format npy")
             if crop == "cpu":
                 raise ValueError("crop='cpu' needs FFCV's decoder (a jpg .beton)")
             self._it = _NpyBatches(data_dir, split, batch_size, self.indices, self.shuffle, drop_last, seed,

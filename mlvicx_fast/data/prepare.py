@@ -202,7 +202,7 @@ def prepare(dataset: str, root, out, size: int = 256, fmt: str = "jpg", workers:
     if mask_grid is not None and mask_grid < 1:
         raise ValueError(f"--mask-grid must be a positive side in pixels, got {mask_grid}")
     if fmt in ("jpg", "raw") and not ffcv_available():
-        raise RuntimeError(f"--format {fmt} writes FFCV .beton files and needs ffcv (scripts/setup.sh --dev "
+        raise RuntimeError(f"--format {fmt} writes FFCV .beton files and needs ffcv (bash scripts/setup.sh "
                            "installs it); --format npy works without it")
     root, out = Path(root), Path(out)
     if not root.is_dir():
