@@ -247,6 +247,9 @@ def prepare(dataset: str, root, out, size: int = 256, fmt: str = "jpg", workers:
             summary.update(rle_form=scan.rle_form, mask_grid=mask_grid)
         for _, why in skipped:
             summary["skipped"][why] = summary["skipped"].get(why, 0) + 1
+        # the old outputs go from here on: first their meta.json, so a run stopped before it writes
+        # the new one leaves no folder that claims splits whose files are gone
+        (out / "meta.json").unlink(missing_ok=True)
         shutil.rmtree(out / ".decoded", ignore_errors=True)  # evaluate's decoded copies of the old files
         for split in SPLITS:
             keep = np.array([k for k, r in enumerate(records) if r.split == split and not reasons[k]], dtype=np.int64)
