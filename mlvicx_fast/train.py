@@ -248,13 +248,14 @@ def resolve(cfg: Config) -> Config:
         cfg.warmup_epochs = 2.0 if not builtin else 0.1 * cfg.epochs
     if cfg.log_every == 0:
         cfg.log_every = 10 if cuda else 1
+    builtin_lr = builtin and cfg.base_lr is None  # an explicit --base-lr has the official rule
+    if cfg.base_lr is None:
+        cfg.base_lr = 0.2
     if cfg.lr == 0.0:
         # the official rule gives 0.025 at batch 32, and LARS (eta 1e-3) then moves the weights by
         # ~2.5e-5 of their norm per step: a built-in run of a few hundred steps learns nothing.
         # Measured on the phantom demo: peak lr 1.0 gives +0.053 mean AUC over random init, 0.025 +0.024.
-        cfg.lr = BUILTIN_LR if builtin and cfg.base_lr is None else scaled_lr(cfg.base_lr or 0.2, cfg.batch_size)
-    if cfg.base_lr is None:
-        cfg.base_lr = 0.2
+        cfg.lr = BUILTIN_LR if builtin_lr else scaled_lr(cfg.base_lr, cfg.batch_size)
     check_values(cfg)
     return cfg
 
@@ -263,7 +264,8 @@ def check_values(cfg: Config) -> None:
     """Values no run can use stop here, before the run folder is made."""
     bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} (must be >= {low})"
            for name, low in (("epochs", 1), ("batch_size", 1), ("keep", 1), ("max_steps", 0), ("ckpt_every", 0),
-                             ("warmup_epochs", 0), ("lr", 0), ("weight_decay", 0), ("image_size", 16), ("dim", 0),
+                             ("warmup_epochs", 0), ("lr", 0), ("base_lr", 0), ("weight_decay", 0), ("image_size", 16),
+                             ("dim", 0),
                              ("phantom_n", 16), ("log_every", 1))
            if getattr(cfg, name) < low]
     bad += [f"{flag} {getattr(cfg, name)} (must be >= 0)" for name, flag in (("lambda_", "--lambda"),
