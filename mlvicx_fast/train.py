@@ -205,7 +205,11 @@ def parse_config(argv: Optional[List[str]] = None) -> Config:
 # Set-up helpers
 # --------------------------------------------------------------------------------------------
 def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0, or a single process. Before the process group exists (the resume and precision
+    messages) torchrun's RANK says which, so those lines are printed once, not once per process."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def say(msg: str) -> None:
@@ -685,6 +689,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         set_rng_state(resumed["rng"])
         step = resumed["step"]
         say(f"resuming {run} at step {step} from {ckpt_path}")
+        if resumed.get("world_size", world) != world:
+            say(f"--resume: {world} process(es) now, {resumed['world_size']} before: each process reads its own shard "
+                "with its own augmentation draws, so the steps from here differ from an uninterrupted run's "
+                "(exactly the same needs the same number of processes)")
         if step >= total_steps:
             say(f"--resume: the run has taken all its {total_steps} steps already; nothing to train "
                 "(--max-steps sets a later stop)")
@@ -741,7 +749,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if log is not None:
             log.flush()  # the log holds every step the checkpoint does, whatever stops the run next
         state = dict(weights_state(), optimizer=_optimizer_state(opt), scaler=scaler.state_dict(),
-                     rng=rng_state(), reason=reason, steps_per_epoch=steps_per_epoch,
+                     rng=rng_state(), reason=reason, steps_per_epoch=steps_per_epoch, world_size=world,
                      epoch_losses=list(epoch_losses))  # the losses so far of the epoch in progress
         return ckpts.save(step, state)
 

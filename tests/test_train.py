@@ -385,6 +385,28 @@ def test_builtin_run_lr_and_phantom_set(monkeypatch, tmp_path):
     assert built == [("phantom-n2000-seed0", 0)] * 2
 
 
+def test_messages_before_the_process_group_are_printed_by_rank_0_only(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert not train.is_main()
+    train.say("from rank 1")
+    monkeypatch.setenv("RANK", "0")
+    train.say("from rank 0")
+    assert capsys.readouterr().out == "[train] from rank 0\n"
+
+
+def test_resume_under_another_process_count_says_what_changes(phantom_npy, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "2", *TINY]) == 0
+    ckpt = run / "checkpoints" / "ckpt-00000002.pt"
+    state = load(ckpt)
+    assert state["world_size"] == 1
+    state["world_size"] = 2  # as saved by a two-process run
+    torch.save(state, ckpt)
+    capsys.readouterr()
+    assert train.main(["--resume", str(run), "--max-steps", "3"]) == 0
+    assert "1 process(es) now, 2 before" in capsys.readouterr().out
+
+
 def test_cuda_rng_states_restored_for_the_devices_this_process_has(monkeypatch):
     """A checkpoint of rank 0 under 8 GPUs holds 8 CUDA generator states; a 1-GPU resume sets one."""
     from mlvicx_fast import checkpoint
