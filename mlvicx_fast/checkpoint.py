@@ -39,6 +39,15 @@ def _atomic_write(path: PathLike, write, mode: str) -> Path:
     return path
 
 
+def remove_stale_temps(path: PathLike) -> None:
+    """Remove the temporary files `_atomic_write` left in path's folder for files of its kind
+    (ckpt-*.pt, or the same name) when a process was killed mid-write: call after a write of path."""
+    path = Path(path)
+    kind = "ckpt-*" if _NAME.match(path.name) else path.name
+    for stale in path.parent.glob(f".{kind}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_save(obj: Any, path: PathLike) -> Path:
     """torch.save(obj) to path through a temporary file and an atomic rename."""
     return _atomic_write(path, lambda f: torch.save(obj, f), "wb")
@@ -107,8 +116,7 @@ class CheckpointManager:
         path = atomic_save(state, self.path(step))
         for _, old in self.list()[:-self.keep]:
             old.unlink(missing_ok=True)
-        for stale in self.folder.glob(".ckpt-*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(self.path(step))
         return path
 
     def load_latest(self, map_location="cpu") -> Optional[Tuple[Path, Dict[str, Any]]]:

@@ -35,8 +35,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (CheckpointManager, atomic_save, atomic_write_text, load, make_deterministic, rng_state,
-                         set_rng_state)
+from .checkpoint import (CheckpointManager, atomic_save, atomic_write_text, load, make_deterministic,
+                         remove_stale_temps, rng_state, set_rng_state)
 from .nn.loss import MLVICXLoss
 from .optim import LARS, scaled_lr, warmup_cosine_lr
 
@@ -825,7 +825,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if step >= total_steps or end_of_epoch:
                     break
         if is_main():
-            atomic_save(weights_state(), run / "final.pt")
+            remove_stale_temps(atomic_save(weights_state(), run / "final.pt"))
     except NonFiniteLoss as e:
         good = ckpts.list()
         say(f"stopping: {e}. Parameters after it are not saved; last good checkpoint: "

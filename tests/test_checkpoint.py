@@ -83,6 +83,21 @@ def test_killed_while_writing_leaves_previous_loadable(tmp_path):
     assert not list(tmp_path.glob(".ckpt-*.tmp"))
 
 
+def test_stale_temporary_files_of_a_kind_are_removed_after_a_write_of_that_kind(tmp_path):
+    """final.pt's leftovers go after the next final.pt, a checkpoint's after the next checkpoint;
+    the other kinds' (and other files) stay."""
+    from mlvicx_fast.checkpoint import CheckpointManager, remove_stale_temps
+
+    for name in (".ckpt-00000001.pt.k1.tmp", ".final.pt.k2.tmp", ".config.json.k3.tmp", "notes.tmp"):
+        (tmp_path / name).write_text("left by a killed writer")
+    remove_stale_temps(atomic_save({"w": torch.randn(3)}, tmp_path / "final.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt-00000001.pt.k1.tmp", ".config.json.k3.tmp",
+                                                          "final.pt", "notes.tmp"]
+    CheckpointManager(tmp_path).save(2, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".config.json.k3.tmp", "ckpt-00000002.pt", "final.pt",
+                                                          "notes.tmp"]
+
+
 def test_saved_files_get_the_usual_mode(tmp_path):
     """mkstemp creates 0600 files; a checkpoint is readable as any file the user writes."""
     mask = os.umask(0o022)
