@@ -498,17 +498,25 @@ def extract_features(encoder: nn.Module, images: np.ndarray, rows: np.ndarray, i
 
 @torch.no_grad()
 def _predict(forward: Callable[[np.ndarray], torch.Tensor], n: int, batch: int) -> np.ndarray:
-    parts = [torch.sigmoid(forward(np.arange(a, min(n, a + batch)))).float().cpu() for a in range(0, n, batch)]
+    """The logits (float32). AUC ranks them, not their sigmoids: float32 sigmoids saturate to
+    exactly 0 or 1 (sigmoid(17) == sigmoid(20) == 1.0), and a confident model's ties bias AUC."""
+    parts = [forward(np.arange(a, min(n, a + batch))).float().cpu() for a in range(0, n, batch)]
     return torch.cat(parts).numpy() if parts else np.zeros((0, 0), dtype=np.float32)
 
 
-def _score_cls(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], binary: bool) -> Dict:
-    if not np.isfinite(probs).all():  # a run that diverged from its first epoch: no score, not a crash
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    from scipy.special import expit  # the sigmoid, without overflow warnings
+
+    return expit(np.asarray(logits, dtype=np.float64))
+
+
+def _score_cls(labels: np.ndarray, logits: np.ndarray, classes: Sequence[str], binary: bool) -> Dict:
+    if not np.isfinite(logits).all():  # a run that diverged from its first epoch: no score, not a crash
         return {"per_class_auc": {c: None for c in classes}, "mean_auc": None, "defined_classes": 0,
                 "accuracy": None, "diverged": True}
-    table = auc_table(labels, probs, classes)
+    table = auc_table(labels, logits, classes)  # AUC is the same for any increasing map of the scores
     out = {"per_class_auc": table["per_class"], "mean_auc": table["mean"], "defined_classes": table["defined"]}
-    out["accuracy"] = accuracy(labels, probs) if binary else None
+    out["accuracy"] = accuracy(labels, _probabilities(logits)) if binary else None
     return out
 
 
@@ -544,11 +552,11 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
             seen += len(targets)
         total = float(total)
         model.eval()
-        probs = _predict(lambda i: model(prepare(val_x, i)), len(val_y), eval_batch)
-        if np.isfinite(probs).all():
-            val = auc_table(val_y, probs, classes)
-            val_loss = float(F.binary_cross_entropy(torch.from_numpy(probs).double().clamp(1e-7, 1 - 1e-7),
-                                                    torch.from_numpy(np.asarray(val_y, dtype=np.float64))))
+        logits = _predict(lambda i: model(prepare(val_x, i)), len(val_y), eval_batch)
+        if np.isfinite(logits).all():
+            val = auc_table(val_y, logits, classes)
+            val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits).double(),
+                                                               torch.from_numpy(np.asarray(val_y, dtype=np.float64))))
             score = val["mean"] if val["mean"] is not None else -val_loss  # no defined class: lower loss is better
         else:  # diverged (NaN outputs): never the best epoch
             val, val_loss, score = {"mean": None}, None, None
@@ -718,7 +726,7 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
                                                 prepare=prep, classes=classes, batch=bs, lr=rate, epochs=epochs,
                                                 patience=patience, seed=seed, device=dev, eval_batch=4096,
                                                 progress=progress, desc=desc)
-                        probs = _predict(lambda i: head(prep(feats["test"], i)), len(test["labels"]), 4096)
+                        logits = _predict(lambda i: head(prep(feats["test"], i)), len(test["labels"]), 4096)
                     else:
                         def prep(x, idx):
                             return to_input(x[idx], chans, dev, size)
@@ -735,8 +743,8 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
                                                 prepare=prep, classes=classes, batch=bs, lr=rate, epochs=epochs,
                                                 patience=patience, seed=seed, device=dev, eval_batch=2 * bs,
                                                 progress=progress, desc=desc, train_loader=loader)
-                        probs = _predict(lambda i: model(prep(test["images"], i)), len(test["labels"]), 2 * bs)
-                    scores = _score_cls(test["labels"], probs, classes, binary)
+                        logits = _predict(lambda i: model(prep(test["images"], i)), len(test["labels"]), 2 * bs)
+                    scores = _score_cls(test["labels"], logits, classes, binary)
                     run = {"method": name, "checkpoint": info["source"], "protocol": protocol, "fraction": fraction,
                            "seed": seed, "n_train": int(len(rows)), "batch": bs, "lr": rate,
                            "metric": results["metric"],

@@ -169,6 +169,15 @@ def test_help_says_what_it_reads_writes_and_an_example(command, capsys):
     assert "reads" in text and "writes" in text and "example:" in text and "python -m mlvicx_fast.evaluate" in text
 
 
+def test_auc_ranks_logits_where_float32_sigmoids_tie():
+    """sigmoid(20) == sigmoid(17) == 1.0 and sigmoid(-90) == sigmoid(-104) == 0.0 in float32: AUC of
+    the sigmoids would count those pairs as ties (0.5 here); of the logits it is 0.75."""
+    logits = np.array([[20.0], [17.0], [-90.0], [-104.0]], dtype=np.float32)
+    assert torch.sigmoid(torch.from_numpy(logits)).unique().numel() == 2
+    scores = ev._score_cls(np.array([[1], [0], [1], [0]]), logits, ["Pneumonia"], binary=True)
+    assert scores["mean_auc"] == pytest.approx(0.75) and scores["accuracy"] == pytest.approx(0.5)
+
+
 def test_label_subsets_are_seeded_and_sized():
     a = ev.label_subset(1000, 10, seed=3)
     assert len(a) == 100 and len(np.unique(a)) == 100 and np.all(np.diff(a) > 0)
