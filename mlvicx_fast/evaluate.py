@@ -26,8 +26,8 @@ Choices made here (the paper leaves them open):
   subset for every method at a given seed, so runs pair up for the t-test. The seed also
   initialises the head (and a random-init encoder) and shuffles the batches.
 * RSNA (one binary label): AUC drives early stopping; the run's score is test accuracy at 0.5.
-  SIIM-ACR as prepared has train and val only: the Dice reported is that of the best epoch on val
-  (the paper's protocol); when a test split with masks exists, the best epoch is scored there.
+  SIIM-ACR is prepared into train/val/test: the best epoch on val is scored on test (a folder
+  prepared before it had a test split is scored on val, with a note: biased upwards).
   The Dice that scores and early-stops is pooled over all pixels of the split (an all-empty
   prediction scores 0); the per-image challenge Dice (empty/empty = 1) rewards predicting nothing
   on the half of a balanced set without pneumothorax, so it is recorded but does not decide.
@@ -304,6 +304,12 @@ class PreparedData:
 
     def n(self, split: str) -> int:
         return int(self.meta["splits"].get(split, {}).get("n", 0))
+
+    def identity(self) -> Dict[str, Any]:
+        """What makes two prepared folders the same data for paired runs: the dataset, the seed that
+        drew its splits, the stored size and each split's size (not the path: a copy is the same)."""
+        return {"dataset": self.dataset, "seed": self.meta.get("seed"), "size": self.size,
+                "splits": {k: int(v.get("n", 0)) for k, v in sorted(self.meta["splits"].items())}}
 
     def has(self, split: str) -> bool:
         return self.n(split) > 0
@@ -611,8 +617,14 @@ def _normalise_methods(methods) -> List[Tuple[str, str]]:
 
 
 def _settings(dataset: str, protocol: str, batch: Optional[int], lr: Optional[float]) -> Tuple[int, float]:
+    """(batch, lr): the given ones, else the paper's for the dataset (NIH's for a dataset the
+    paper does not use)."""
     d = DEFAULTS.get(dataset, DEFAULTS["nih"])
-    return int(batch or d["batch"]), float(lr or d["lr"][protocol])
+    batch = d["batch"] if batch is None else batch
+    lr = d["lr"][protocol] if lr is None else lr
+    if batch < 2 or not lr > 0:
+        raise EvaluationError(f"--batch must be >= 2 (batch norm) and --lr > 0, got {batch} and {lr}")
+    return int(batch), float(lr)
 
 
 def _versions() -> Dict[str, str]:
@@ -661,13 +673,14 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
     train, val = prepared.split("train"), prepared.split("val")
     test_split = "test" if prepared.has("test") else "val"
     if test_split == "val":
-        log(f"note: {prepared.folder} has no test split; the best epoch is scored on val")
+        log(f"note: {prepared.folder} has no test split; the best epoch is scored on val, the split that chose "
+            "it, so the score is biased upwards")
     test = prepared.split(test_split)
     n_train = len(train["labels"])
     subsets = {(f, s): label_subset(n_train, f, s) for f in fractions for s in seeds}
     size = image_size
-    config = {"data": str(prepared.folder), "dataset": prepared.dataset, "task": prepared.task,
-              "protocols": list(protocols), "fractions": fractions, "seeds": list(seeds), "with_context": with_context,
+    config = {"data": str(prepared.folder), "prepared": prepared.identity(), "dataset": prepared.dataset,
+              "task": prepared.task, "protocols": list(protocols), "fractions": fractions, "seeds": list(seeds), "with_context": with_context,
               "in_chans": in_chans, "epochs": epochs, "patience": patience, "image_size": image_size or prepared.size,
               "device": str(dev), "optimizer": "Adam", "test_split": test_split, "augment_finetune": augment,
               "settings": {p: dict(zip(("batch", "lr"), _settings(prepared.dataset, p, batch, lr))) for p in protocols}}
@@ -907,8 +920,8 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
     test = prepared.split("test") if has_test else val
     size = image_size
     n_train = len(train["labels"])
-    config = {"data": str(prepared.folder), "dataset": prepared.dataset, "task": "segmentation",
-              "protocols": list(protocols), "fractions": fractions, "seeds": list(seeds), "with_context": with_context,
+    config = {"data": str(prepared.folder), "prepared": prepared.identity(), "dataset": prepared.dataset,
+              "task": "segmentation", "protocols": list(protocols), "fractions": fractions, "seeds": list(seeds), "with_context": with_context,
               "in_chans": in_chans, "epochs": epochs, "patience": patience, "image_size": image_size or prepared.size,
               "device": str(dev), "optimizer": "Adam", "loss": "BCE + soft Dice",
               "test_split": "test" if has_test else "val",
@@ -1048,7 +1061,9 @@ def format_table(results: Dict) -> str:
                     cells.append(mean_std_cell([r["accuracy"] for r in runs]))
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
-    name = {"mean_auc": "Mean AUC", "accuracy": "Accuracy", "dice": "Dice"}.get(metric, metric)
+    name = {"mean_auc": "Mean AUC", "accuracy": "Accuracy",
+            # not the challenge's per-image Dice (empty/empty = 1): numbers differ from papers that use it
+            "dice": "Dice (pooled over the split's pixels)"}.get(metric, metric)
     lines += [f"## {name} by label fraction", ""]
     head = ["Method"] + [f"{f:g}%" for f in fractions]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -1135,6 +1150,24 @@ def read_results(path: PathLike) -> Dict:
     return obj
 
 
+# the evaluation settings two results must share for their runs to pair: the same test images
+# (else an error) and the same training recipe (else a note beside the comparison or table)
+SAME_DATA = ("prepared", "test_split")
+SAME_RECIPE = ("image_size", "epochs", "patience", "with_context", "in_chans", "augment_finetune", "settings")
+
+
+def setting_differences(a: Dict, b: Dict, a_name: str, b_name: str) -> List[str]:
+    """Notes on the recipe settings where two results differ; EvaluationError when their data
+    differs (results written before configs held the data's identity are compared by path)."""
+    ca, cb = a.get("config", {}), b.get("config", {})
+    data_keys = SAME_DATA if "prepared" in ca and "prepared" in cb else ("data", "test_split")
+    for k in data_keys:
+        if ca.get(k) != cb.get(k):
+            raise EvaluationError(f"{a_name} and {b_name} were evaluated on different data ({k}: {ca.get(k)} vs "
+                                  f"{cb.get(k)}), so their runs do not pair")
+    return [f"{k}: {ca.get(k)} in {a_name}, {cb.get(k)} in {b_name}" for k in SAME_RECIPE if ca.get(k) != cb.get(k)]
+
+
 def merge_results(results: Sequence[Dict], names: Sequence[str] = ()) -> Dict:
     """One results dict holding the runs of several (same task and dataset), for one table: e.g.
     MLVICX, VICReg and random init evaluated by separate commands."""
@@ -1144,10 +1177,12 @@ def merge_results(results: Sequence[Dict], names: Sequence[str] = ()) -> Dict:
     first = results[0]
     seen: Dict[Tuple, str] = {}
     runs: List[Dict] = []
+    notes: List[str] = []
     for r, name in zip(results, names):
         if (r.get("task"), r.get("dataset")) != (first.get("task"), first.get("dataset")):
             raise EvaluationError(f"cannot put {name} ({r.get('task')} on {r.get('dataset')}) in one table with "
                                   f"{names[0]} ({first.get('task')} on {first.get('dataset')})")
+        notes += setting_differences(first, r, str(names[0]), str(name))
         for run in r["runs"]:
             key = (run["method"], run["protocol"], float(run["fraction"]), int(run["seed"]))
             if key in seen:
@@ -1159,6 +1194,7 @@ def merge_results(results: Sequence[Dict], names: Sequence[str] = ()) -> Dict:
     merged["config"] = dict(first.get("config", {}), merged_from=[str(n) for n in names])
     merged["methods"] = list(dict.fromkeys(run["method"] for run in runs))
     merged["runs"] = runs
+    merged["notes"] = notes
     return merged
 
 
@@ -1183,6 +1219,7 @@ def compare_results(a: Dict, b: Dict, a_method: Optional[str] = None, b_method: 
     if a.get("task") != b.get("task") or a.get("dataset") != b.get("dataset"):
         raise EvaluationError(f"cannot pair {a_name} ({a.get('task')} on {a.get('dataset')}) with {b_name} "
                               f"({b.get('task')} on {b.get('dataset')}): the task and dataset must match")
+    notes = setting_differences(a, b, a_name, b_name)
     ma = _pick_method(a, a_method, "a", a_name)
     mb = _pick_method(b, b_method, "b", b_name)
     if ma == mb and a["runs"] == b["runs"]:
@@ -1197,11 +1234,14 @@ def compare_results(a: Dict, b: Dict, a_method: Optional[str] = None, b_method: 
                        and runs_a[k] is not None and runs_b[k] is not None)
         xa = [runs_a[(protocol, fraction, s)] for s in seeds]
         xb = [runs_b[(protocol, fraction, s)] for s in seeds]
-        rows.append({"protocol": protocol, "fraction": fraction, "seeds": seeds, **paired_ttest(xa, xb)})
+        # runs of either side left out: no run of that seed on the other side, or no score (diverged)
+        unpaired = len({k[2] for k in (*runs_a, *runs_b) if k[:2] == (protocol, fraction)} - set(seeds))
+        rows.append({"protocol": protocol, "fraction": fraction, "seeds": seeds, "unpaired_seeds": unpaired,
+                     **paired_ttest(xa, xb)})
     if not any(r["n"] for r in rows):
         raise EvaluationError(f"no matched runs: {ma!r} and {mb!r} share no (protocol, fraction, seed) with a score")
     return {"kind": "mlvicx-compare", "a": ma, "b": mb, "metric": a.get("metric"), "dataset": a.get("dataset"),
-            "task": a.get("task"), "settings": rows}
+            "task": a.get("task"), "settings": rows, "notes": notes}
 
 
 def format_comparison(cmp: Dict) -> str:
@@ -1213,6 +1253,13 @@ def format_comparison(cmp: Dict) -> str:
     for r in cmp["settings"]:
         lines.append(f"| {r['protocol']} | {r['fraction']:g}% | {r['n']} | {f3(r['mean_a'])} | {f3(r['mean_b'])} | "
                      f"{f3(r['mean_diff'])} | {f3(r['t'])} | {fp(r['p'])} |")
+    unpaired = [f"{r['protocol']} {r['fraction']:g}% ({r['unpaired_seeds']})" for r in cmp["settings"]
+                if r.get("unpaired_seeds")]
+    if unpaired:
+        lines += ["", "Seeds left out because one side has no run or no score for them (diverged): "
+                  + ", ".join(unpaired) + "."]
+    if cmp.get("notes"):
+        lines += ["", "The two were evaluated with different settings: " + "; ".join(cmp["notes"]) + "."]
     fewest = min((r["n"] for r in cmp["settings"] if r["n"]), default=0)
     if fewest < PAPER_RUNS:
         lines += ["", f"Note: the paper's significance test pairs {PAPER_RUNS} runs per setting, each on its own "
@@ -1340,6 +1387,8 @@ def _fraction_list(values: Sequence[str]) -> List[float]:
         except ValueError:
             raise EvaluationError(f"--fractions: {v!r} is not a number (percent, e.g. 1 10 30 100)") from None
         out.append(f)
+    if len(set(out)) != len(out):
+        raise EvaluationError(f"--fractions: {' '.join(map(str, values))} names a fraction twice")
     return out
 
 
@@ -1560,6 +1609,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
                 make_deterministic()
             run = run_cls if args.command == "cls" else run_seg
+            if len(set(args.seeds)) != len(args.seeds):
+                raise EvaluationError(f"--seeds: {' '.join(map(str, args.seeds))} names a seed twice (its runs would "
+                                      "count as two in the table and one in compare)")
             kwargs = dict(protocols=args.protocol, fractions=_fraction_list(args.fractions), seeds=args.seeds,
                           with_context=args.with_context, in_chans=args.in_chans, batch=args.batch, lr=args.lr,
                           epochs=args.epochs, patience=args.patience, image_size=args.image_size, device=args.device,
@@ -1579,6 +1631,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "table":
             merged = merge_results([read_results(r) for r in args.results], args.results)
             print(format_table(merged))
+            for note in merged["notes"]:
+                print(f"note: the results differ in {note}", file=sys.stderr)
             if args.out:
                 write_outputs(merged, Path(args.out))
                 print(f"wrote {Path(args.out) / 'results.json'}, table.md and plot.png")

@@ -143,6 +143,13 @@ def test_cli_errors_name_the_bad_input(tmp_path, phantom, capsys):
         code = ev.main([command, "--data", str(phantom / data), "--ckpt", "random", "--patience", "0", "--out",
                         str(tmp_path / "o")])
         assert code == 2 and "patience must be >= 1 epoch, got 0" in capsys.readouterr().err, command
+    # an explicit 0 is an error, not the paper's default; a seed or fraction named twice too
+    for flags, match in ((["--lr", "0"], "--lr > 0, got 64 and 0.0"), (["--batch", "1"], "--batch must be >= 2"),
+                         (["--seeds", "0", "0"], "--seeds: 0 0 names a seed twice"),
+                         (["--fractions", "10", "10%"], "names a fraction twice")):
+        code = ev.main(["cls", "--data", str(phantom / "nih"), "--ckpt", "random", "--out", str(tmp_path / "o"),
+                        "--protocol", "finetune", *flags])
+        assert code == 2 and match in capsys.readouterr().err, flags
 
 
 def test_data_folder_hint(phantom):
@@ -167,6 +174,38 @@ def test_help_says_what_it_reads_writes_and_an_example(command, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "reads" in text and "writes" in text and "example:" in text and "python -m mlvicx_fast.evaluate" in text
+
+
+def _fake_results(method, scores, **config):
+    """A results dict as cls writes it: one run per (fraction, seed) -> score."""
+    base = {"data": "/d/nih", "prepared": {"dataset": "nih", "seed": 0, "size": 64, "splits": {"test": 9}},
+            "test_split": "test", "image_size": 64, "epochs": 5, "patience": 10, "with_context": False,
+            "in_chans": None, "augment_finetune": False, "settings": {"frozen": {"batch": 16, "lr": 1e-3}}}
+    runs = [{"method": method, "protocol": "frozen", "fraction": f, "seed": sd, "score": v}
+            for (f, sd), v in scores.items()]
+    return {"kind": "mlvicx-eval", "task": "cls", "dataset": "nih", "metric": "mean_auc",
+            "config": dict(base, **config), "runs": runs}
+
+
+def test_compare_pairs_only_runs_on_the_same_data_and_says_what_else_differs():
+    """Runs on another test set (other prepare seed) do not pair: an error. A different recipe
+    (epochs) pairs with a note; seeds one side lacks or did not score are counted, not dropped silently."""
+    a = _fake_results("MLVICX", {(10.0, 0): 0.7, (10.0, 1): 0.72, (10.0, 2): 0.71})
+    b = _fake_results("VICReg", {(10.0, 0): 0.65, (10.0, 1): 0.69, (10.0, 2): None}, epochs=3)
+    cmp = ev.compare_results(a, b, a_name="a.json", b_name="b.json")
+    (row,) = cmp["settings"]
+    assert row["seeds"] == [0, 1] and row["unpaired_seeds"] == 1
+    assert cmp["notes"] == ["epochs: 5 in a.json, 3 in b.json"]
+    text = ev.format_comparison(cmp)
+    assert "Seeds left out because one side has no run or no score" in text and "frozen 10% (1)" in text
+    assert "evaluated with different settings: epochs: 5 in a.json, 3 in b.json" in text
+    other = _fake_results("VICReg", {(10.0, 0): 0.6}, prepared={"dataset": "nih", "seed": 1, "size": 64,
+                                                               "splits": {"test": 9}})
+    with pytest.raises(ev.EvaluationError, match="evaluated on different data .*do not pair"):
+        ev.compare_results(a, other)
+    with pytest.raises(ev.EvaluationError, match="evaluated on different data"):
+        ev.merge_results([a, other])
+    assert ev.merge_results([a, b], ["a", "b"])["notes"] == ["epochs: 5 in a, 3 in b"]
 
 
 def test_auc_ranks_logits_where_float32_sigmoids_tie():
