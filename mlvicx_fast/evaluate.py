@@ -441,15 +441,21 @@ def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:k])
 
 
+def upload(t: torch.Tensor, device) -> torch.Tensor:
+    """t on device. From the CPU to a GPU through pinned memory, without waiting: a copy from
+    pageable memory first waits for the GPU to finish the work queued before it (a host sync)."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def to_input(images: np.ndarray, in_chans: int, device: torch.device, size: Optional[int] = None) -> torch.Tensor:
     """uint8 (N, H, W) -> float (N, in_chans, size, size), [0, 1] then ImageNet-normalised."""
     images = np.ascontiguousarray(images)
     if not images.flags.writeable:  # a memmap row: torch wants a writable buffer
         images = images.copy()
-    x = torch.from_numpy(images)
-    if torch.device(device).type == "cuda":  # uint8 over the bus, converted there, without waiting
-        x = x.pin_memory().to(device, non_blocking=True)
-    x = x.to(device=device, dtype=torch.float32).div_(255.0)[:, None]
+    x = upload(torch.from_numpy(images), device)  # uint8 over the bus, converted there
+    x = x.to(dtype=torch.float32).div_(255.0)[:, None]
     if size is not None and (x.shape[-2] != size or x.shape[-1] != size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     # per channel with Python numbers: no small host-to-device copies per batch
@@ -458,7 +464,7 @@ def to_input(images: np.ndarray, in_chans: int, device: torch.device, size: Opti
 
 def masks_input(masks: np.ndarray, device: torch.device, size: Optional[int] = None) -> torch.Tensor:
     masks = np.array(masks, copy=True) if not np.asarray(masks).flags.writeable else np.ascontiguousarray(masks)
-    m = torch.from_numpy(masks).to(device=device, dtype=torch.float32)[:, None]
+    m = upload(torch.from_numpy(masks), device).to(dtype=torch.float32)[:, None]
     if size is not None and (m.shape[-2] != size or m.shape[-1] != size):
         m = F.interpolate(m, size=(size, size), mode="nearest")
     return (m > 0).float()
@@ -546,7 +552,7 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
         model.train()
         total, seen = torch.zeros((), device=device), 0  # summed on the device: no host sync per step
         perm = torch.randperm(n, generator=g)  # drawn every epoch, so the loader does not shift the seeds
-        batches = ((prepare(train_x, idx), yt[idx]) for idx in _batches(n, batch, perm, min_last=2)) \
+        batches = ((prepare(train_x, idx), upload(yt[idx], device)) for idx in _batches(n, batch, perm, min_last=2)) \
             if train_loader is None else ((x.float(), y.float()) for x, y in train_loader if len(y) > 1)
         for inputs, targets in batches:
             logits = model(inputs)
@@ -734,7 +740,7 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
                         head = model.fc
 
                         def prep(x, idx):
-                            return x[torch.from_numpy(idx)].to(dev)
+                            return upload(x[torch.from_numpy(idx)], dev)
                         hist = train_classifier(head, train_feats, train["labels"][rows], feats["val"], val["labels"],
                                                 prepare=prep, classes=classes, batch=bs, lr=rate, epochs=epochs,
                                                 patience=patience, seed=seed, device=dev, eval_batch=4096,
