@@ -466,7 +466,7 @@ def masks_input(masks: np.ndarray, device: torch.device, size: Optional[int] = N
     masks = np.array(masks, copy=True) if not np.asarray(masks).flags.writeable else np.ascontiguousarray(masks)
     m = upload(torch.from_numpy(masks), device).to(dtype=torch.float32)[:, None]
     if size is not None and (m.shape[-2] != size or m.shape[-1] != size):
-        m = F.interpolate(m, size=(size, size), mode="nearest")
+        m = F.interpolate(m, size=(size, size), mode="nearest-exact")  # at pixel centres, as the image
     return (m > 0).float()
 
 

@@ -270,7 +270,7 @@ def check_values(cfg: Config) -> None:
            for name, low in (("epochs", 1), ("batch_size", 1), ("keep", 1), ("max_steps", 0), ("ckpt_every", 0),
                              ("warmup_epochs", 0), ("lr", 0), ("base_lr", 0), ("weight_decay", 0), ("image_size", 16),
                              ("dim", 0),
-                             ("phantom_n", 16), ("log_every", 1))
+                             ("phantom_n", 16), ("log_every", 1), ("seed", 0))
            if getattr(cfg, name) < low]
     bad += [f"{flag} {getattr(cfg, name)} (must be >= 0)" for name, flag in (("lambda_", "--lambda"),
                                                                               ("global_weight", "--global-weight"))

@@ -1,6 +1,7 @@
 """The loader over a prepared phantom set: shapes, dtypes, labels and masks by row, label fractions,
 determinism by seed, and the .beton and .npy paths giving the same batches."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -199,7 +200,60 @@ def test_loader_errors_name_the_problem(prepared, tmp_path):
         make_loader(prepared / "nih_npy", mode="segment")
     with pytest.raises(ValueError, match="split 'holdout' is empty or absent; available: \\['train', 'val', 'test'\\]"):
         make_loader(prepared / "siim_npy", split="holdout", mode="segment")
-    with pytest.raises(FileNotFoundError, match="no meta.json"):
+    with pytest.raises(FileNotFoundError, match=f"no meta.json.*--out {tmp_path}\\)"):
         make_loader(tmp_path)
     with pytest.raises(ValueError, match="mode must be one of"):
         make_loader(prepared / "nih_npy", mode="train")
+    for kw in ({"batch_size": 0}, {"channels": 4}, {"size": 12}, {"seed": -1}):
+        with pytest.raises(ValueError, match="batch_size must be >= 1, channels 1 to 3, size > 12"):
+            make_loader(prepared / "nih_npy", **kw)
+    if HAS_FFCV:  # FFCV takes the shard from torch.distributed: without a process group, a clear error
+        with pytest.raises(ValueError, match="needs the matching torch.distributed process group"):
+            make_loader(prepared / "nih", rank=1, world_size=2)
+
+
+def test_views_far_below_the_stored_size_warn_of_aliasing(prepared):
+    with pytest.warns(UserWarning, match="images stored at 48 px for 16 px views.*does not antialias"):
+        make_loader(prepared / "nih_npy", mode="pretrain", batch_size=8, size=16)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_loader(prepared / "nih_npy", mode="pretrain", batch_size=8, size=32)  # 1.5x: no warning
+        make_loader(prepared / "nih_npy", split="test", mode="classify", batch_size=8, size=16)  # no random crops
+
+
+def test_default_decode_threads_share_the_cores_between_local_processes(monkeypatch):
+    """Not torch's thread count: torchrun sets OMP_NUM_THREADS=1, which left one thread per GPU."""
+    from mlvicx_fast.data.loader import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert default_workers() == 1
+
+
+def test_segment_masks_resized_at_pixel_centres_as_their_images(tmp_path):
+    """A vertical edge at column k in both image and mask, 96 -> 84 px: after the resize the mask's
+    edge sits where the image's does (nearest at pixel centres); 'nearest' (floor(i * scale)) put it
+    a column off for about half of the k."""
+    n, side, size = 90, 96, 84
+    ks = np.arange(3, 3 + n)
+    cols = np.arange(side)[None, None, :] >= ks[:, None, None]
+    masks = np.broadcast_to(cols, (n, side, side)).astype(np.uint8)
+    images = masks * np.uint8(255)
+    for name, arr in (("val_images", images), ("val_masks", masks), ("val_labels", masks[:, 0, :1])):
+        np.save(tmp_path / f"{name}.npy", np.ascontiguousarray(arr))
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "dataset": "siim", "task": "segmentation", "classes": ["Pneumothorax"], "size": side, "format": "npy",
+        "fields": ["image", "labels", "index", "mask"], "splits": {"val": {"n": n}}}))
+    off = 0
+    for x, m, idx in make_loader(tmp_path, split="val", mode="segment", batch_size=30, size=size, with_index=True):
+        img_edge = (x[:, 0, size // 2] > 0).float().argmax(dim=1)  # normalised: black < 0 < white
+        mask_edge = m[:, 0, size // 2].argmax(dim=1)
+        off += int((img_edge - mask_edge).abs().gt(0).sum())
+    assert off <= n // 10, off

@@ -14,7 +14,8 @@ uint8 batch to the GPU; the per-pixel work runs there as one fused kernel
 Modes:
   pretrain  the two-view VICReg recipe (DESIGN.md section 4)
   classify  train split: random-resized crop + flip; other splits: the whole image resized
-  segment   the whole image resized, the mask resized with nearest neighbour (no random geometry)
+  segment   the whole image resized, the mask resized with nearest neighbour at pixel centres, as
+            the image (no random geometry)
 
 `crop='gpu'` (default) decodes the stored size and crops inside the kernel; `crop='cpu'` (jpg
 .beton only) crops and resizes in FFCV's RandomResizedCrop decoder, once per view. Measured CPU
@@ -35,12 +36,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..ops.augment import CROP_FLIP, VICREG, Recipe, augment_with_params, eval_transform, sample_params
@@ -76,11 +80,21 @@ def ffcv_available() -> bool:
         return False
 
 
+def default_workers() -> int:
+    """FFCV decode threads: this process's share of the cores it may run on, at most 8. (Not
+    torch's thread count: torchrun sets OMP_NUM_THREADS=1, which left one decode thread per GPU.)"""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
 def read_meta(data_dir) -> Dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{data_dir}: no meta.json; prepare the folder first "
-                                "(python -m mlvicx_fast.data.prepare ... --out {data_dir})")
+                                f"(python -m mlvicx_fast.data.prepare ... --out {data_dir})")
     with open(path) as f:
         return json.load(f)
 
@@ -190,6 +204,9 @@ class PreparedLoader:
             raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         if crop not in ("gpu", "cpu"):
             raise ValueError(f"crop must be 'gpu' or 'cpu', got {crop!r}")
+        if batch_size < 1 or not 1 <= channels <= 3 or size <= 12 or seed < 0:
+            raise ValueError(f"batch_size must be >= 1, channels 1 to 3, size > 12 (the blur reflects at the border) "
+                             f"and seed >= 0; got {batch_size}, {channels}, {size} and {seed}")
         self.meta = read_meta(data_dir)
         if split not in self.meta["splits"] or self.meta["splits"][split]["n"] == 0:
             have = [s for s, v in self.meta["splits"].items() if v["n"]]
@@ -205,6 +222,11 @@ class PreparedLoader:
         self.recipe = recipe or (VICREG if mode == "pretrain" else CROP_FLIP)
         self.random_aug = mode == "pretrain" or (mode == "classify" and train)
         self.crop_cpu = crop == "cpu" and self.random_aug
+        stored = int(self.meta["size"])
+        if self.random_aug and not self.crop_cpu and stored > 1.5 * size:
+            warnings.warn(f"{data_dir}: images stored at {stored} px for {size} px views; the crop-resize (bicubic, "
+                          "4 taps, as torch's) does not antialias, so crops more than ~1.5x the view side alias. "
+                          f"Prepare with --size near {size} (the default 256 suits 224 px views)", stacklevel=3)
         n = self.meta["splits"][split]["n"]
         self.indices = None if fraction == 1.0 else fraction_indices(n, fraction, fraction_seed)
         self.n = n if self.indices is None else len(self.indices)
@@ -217,7 +239,14 @@ class PreparedLoader:
         if use_ffcv:
             if not beton.is_file():
                 raise FileNotFoundError(f"{beton} is missing (meta.json says format {fmt})")
-            workers = workers or min(8, torch.get_num_threads())
+            if world_size > 1 and not (dist.is_initialized()
+                                       and (dist.get_rank(), dist.get_world_size()) == (rank, world_size)):
+                # FFCV shards from torch.distributed's own rank and size, as DistributedSampler does:
+                # padded to equal shards by repeating rows (the npy path drops the last n % world rows)
+                raise ValueError(f"rank {rank} of world_size {world_size} on a .beton needs the matching "
+                                 "torch.distributed process group initialised first (FFCV's distributed loading "
+                                 "takes the rank from there)")
+            workers = workers or default_workers()
             # distributed: FFCV shards like DistributedSampler, from torch.distributed's rank and size
             self._it = _ffcv_loader(beton, self.meta["fields"], batch_size, workers, self.indices, self.shuffle,
                                     drop_last, seed, self.device, self.crop_cpu, size, self.recipe, fmt,
@@ -286,7 +315,9 @@ class PreparedLoader:
                                    self.backend)
                 m = self._to_device(masks)[:, None].float()
                 if m.shape[-1] != self.size:
-                    m = F.interpolate(m, size=(self.size, self.size), mode="nearest")
+                    # nearest-exact samples at pixel centres, as the image's resize; 'nearest' is half
+                    # a source pixel off (floor(i * scale))
+                    m = F.interpolate(m, size=(self.size, self.size), mode="nearest-exact")
                 out = (x, m)
             # index: the rows of <split>_index.csv in this batch
             # (a copy: FFCV reuses the buffer it decoded the indices into for later batches)
