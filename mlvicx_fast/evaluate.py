@@ -728,12 +728,17 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
                         model.encoder.eval()
                         for p in model.encoder.parameters():
                             p.requires_grad_(False)
-                        if source == RANDOM:  # this seed's own random encoder: its features now
-                            feats = {k: extract_features(model.encoder, d["images"], np.arange(len(d["labels"])),
-                                                         chans, dev, 2 * bs, size)
-                                     for k, d in (("val", val), ("test", test))}
-                            train_feats = extract_features(model.encoder, train["images"], rows, chans, dev, 2 * bs,
-                                                           size)
+                        if source == RANDOM:  # this seed's own random encoder: its features, once per seed
+                            if seed not in cache:
+                                need = np.unique(np.concatenate([subsets[(f, seed)] for f in fractions]))
+                                cache[seed] = {k: extract_features(model.encoder, d["images"],
+                                                                   np.arange(len(d["labels"])), chans, dev, 2 * bs,
+                                                                   size) for k, d in (("val", val), ("test", test))}
+                                cache[seed]["train"] = torch.zeros(n_train, 512)
+                                cache[seed]["train"][need] = extract_features(model.encoder, train["images"], need,
+                                                                              chans, dev, 2 * bs, size)
+                            feats = cache[seed]
+                            train_feats = feats["train"][rows]
                         else:
                             feats = cache
                             train_feats = cache["train"][rows]
