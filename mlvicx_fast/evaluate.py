@@ -686,7 +686,8 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
     subsets = {(f, s): label_subset(n_train, f, s) for f in fractions for s in seeds}
     size = image_size
     config = {"data": str(prepared.folder), "prepared": prepared.identity(), "dataset": prepared.dataset,
-              "task": prepared.task, "protocols": list(protocols), "fractions": fractions, "seeds": list(seeds), "with_context": with_context,
+              "task": prepared.task, "protocols": list(protocols), "fractions": fractions, "seeds": list(seeds),
+              "with_context": with_context,
               "in_chans": in_chans, "epochs": epochs, "patience": patience, "image_size": image_size or prepared.size,
               "device": str(dev), "optimizer": "Adam", "test_split": test_split, "augment_finetune": augment,
               "settings": {p: dict(zip(("batch", "lr"), _settings(prepared.dataset, p, batch, lr))) for p in protocols}}
@@ -932,7 +933,8 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
     size = image_size
     n_train = len(train["labels"])
     config = {"data": str(prepared.folder), "prepared": prepared.identity(), "dataset": prepared.dataset,
-              "task": "segmentation", "protocols": list(protocols), "fractions": fractions, "seeds": list(seeds), "with_context": with_context,
+              "task": "segmentation", "protocols": list(protocols), "fractions": fractions, "seeds": list(seeds),
+              "with_context": with_context,
               "in_chans": in_chans, "epochs": epochs, "patience": patience, "image_size": image_size or prepared.size,
               "device": str(dev), "optimizer": "Adam", "loss": "BCE + soft Dice",
               "test_split": "test" if has_test else "val",

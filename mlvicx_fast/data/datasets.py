@@ -137,8 +137,9 @@ def _index_files(dirs: Iterable[Path], suffixes: Sequence[str]) -> Dict[str, Pat
 
     When several files share a stem (a DICOM and a PNG copy of it), the earlier suffix in
     `suffixes` wins, then the earlier of `dirs`, then the first in sorted path order, so the
-    choice does not depend on the file system's listing order. Folders whose name holds 'mask' are not searched: they hold
-    masks named like their images (png_masks/<ImageId>.png beside png_images/<ImageId>.png)."""
+    choice does not depend on the file system's listing order. Folders whose name holds 'mask'
+    are not searched: they hold masks named like their images (png_masks/<ImageId>.png beside
+    png_images/<ImageId>.png)."""
     suffixes = tuple(s.lower() for s in suffixes)
     rank: Dict[str, Tuple[int, int, str]] = {}
     found: Dict[str, Path] = {}

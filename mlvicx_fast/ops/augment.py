@@ -34,11 +34,11 @@ columns including a 16-pixel halo on each side, J the pointwise jitter, and B_y 
 the Gaussian taps with the reflection folded in (the identity when the view is not blurred). The
 resize products run over 32 x 32 blocks of S with the weight blocks built as they are needed, so
 the per-thread state stays small (sm_90: no register spills at 8 warps); then two blur products.
-All on tensor cores, in TF32 on a GPU (the uint8 sources are exact; the weights keep 10 bits of
-mantissa, so a pixel is off by the order of 1e-3 of its range: about a bf16 output's own
-rounding, and also what a float32 output carries; the GPU test allows 3e-2 after normalisation); the interpreter multiplies in IEEE float32. No intermediate
-image touches memory. The flip mirrors the stored columns (everything after the
-crop is mirror-symmetric).
+All on tensor cores, in TF32 on a GPU: the uint8 sources are exact, the weights keep 10 bits of
+mantissa, so a pixel is off by the order of 1e-3 of its range. That is about a bf16 output's own
+rounding, and also what a float32 output carries (the GPU test allows 3e-2 after normalisation);
+the interpreter multiplies in IEEE float32. No intermediate image touches memory. The flip
+mirrors the stored columns (everything after the crop is mirror-symmetric).
 
 Inputs: x uint8 (N, H, W), or (N, H, W, C) / (N, C, H, W) whose channel 0 is used, any strides,
 on CUDA (or CPU under TRITON_INTERPRET=1) for the kernel, anywhere for the torch backend.
