@@ -87,7 +87,8 @@ class Config:
         help="capture the whole step in one CUDA graph (default: on GPU)"))
     channels_last: bool = field(default=True, metadata=dict(
         help="channels_last memory format (on by default: on 2 CPU cores too, the built-in step is ~15%% faster)"))
-    workers: int = field(default=0, metadata=dict(help="FFCV loader threads for .beton data (0: torch's thread count, at most 8)"))
+    workers: int = field(default=0, metadata=dict(
+        help="FFCV loader threads for .beton data (0: this process's share of the machine's cores, at most 8)"))
     out: str = field(default="", metadata=dict(help="run folder (default: runs/<date>-<time>)"))
     resume: str = field(default="", metadata=dict(help="run folder or checkpoint to continue exactly"))
     seed: int = field(default=0, metadata=dict(help="seed of data order, augmentation and initialisation"))
