@@ -1600,7 +1600,7 @@ def run_demo(out: PathLike, seeds: Sequence[int] = (0, 1, 2), ablations: bool = 
             runs[name] = pretrained
             continue
         run = out / ("mlvicx" if i == 0 else f"ablation{i}")
-        if train.main(["--out", str(run), *flags]) != 0:
+        if train.main(["--out", str(run), *flags] + ([] if progress else ["--quiet"])) != 0:
             raise EvaluationError(f"the pretraining run {run} did not finish")
         runs[name] = run
     cfg = train.resolve(train.Config())  # the built-in default's data set and view size on this machine

@@ -96,6 +96,8 @@ class Config:
         help="stop after this many steps in total (0: all epochs); the lr schedule still spans --epochs"))
     ckpt_every: int = field(default=0, metadata=dict(help="also checkpoint every N steps (0: only every epoch)"))
     keep: int = field(default=3, metadata=dict(help="checkpoints kept in the run folder (epoch and step ones, newest first)"))
+    quiet: bool = field(default=False, metadata=dict(
+        help="no progress bar (the run's messages, log.csv and TensorBoard events stay)"))
     log_every: int = field(default=0, metadata=dict(help="steps between loss reads (a host sync) (0: 1 on CPU, 10 on GPU)"))
     device: str = field(default="auto", metadata=dict(help="cuda, cpu or auto"))
     backend: str = field(default="auto", metadata=dict(
@@ -537,7 +539,7 @@ def plot_losses(run: Path) -> Optional[Path]:
 # options that may change when a run is continued (when given); everything else comes from the
 # checkpoint. The last four change how a step runs, not what it computes (precision changes its
 # rounding): a run moved from a GPU to a CPU needs them.
-RESUME_OVERRIDES = ("resume", "out", "max_steps", "workers", "log_every", "ckpt_every", "keep", "device",
+RESUME_OVERRIDES = ("resume", "out", "max_steps", "workers", "log_every", "ckpt_every", "keep", "device", "quiet",
                     "cuda_graph", "compile", "channels_last", "precision",
                     "data")  # the same dataset moved (its steps per epoch are checked against the run's)
 
@@ -756,7 +758,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .progress import progress
 
-    bar = progress(total=total_steps, initial=step, disable=not is_main(), unit="step", dynamic_ncols=True)
+    bar = progress(total=total_steps, initial=step, disable=not is_main() or cfg.quiet, unit="step",
+                   dynamic_ncols=True)
     pending_steps: List[int] = []
     pending_lrs: List[float] = []
     pending: List[torch.Tensor] = []

@@ -385,6 +385,16 @@ def test_builtin_run_lr_and_phantom_set(monkeypatch, tmp_path):
     assert built == [("phantom-n2000-seed0", 0)] * 2
 
 
+def test_quiet_draws_no_bar_and_keeps_the_messages(phantom_npy, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(["--data", str(phantom_npy), "--out", str(run), "--max-steps", "2", *TINY]) == 0
+    assert "2/" in capsys.readouterr().err  # the bar, drawn
+    assert train.main(["--data", str(phantom_npy), "--out", str(tmp_path / "q"), "--max-steps", "2", "--quiet",
+                       *TINY]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and "[train] done: 2 steps" in out.out and len(_rows(tmp_path / "q")) == 2
+
+
 def test_messages_before_the_process_group_are_printed_by_rank_0_only(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     assert not train.is_main()
