@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.loader import upload
 from .metrics import EarlyStopping, accuracy, auc_table, dice_per_image, mean_or_none, mean_std_cell, paired_ttest
 from .ops.augment import IMAGENET_MEAN, IMAGENET_STD  # the loader's normalisation
 from .progress import progress as progress_bar
@@ -439,14 +440,6 @@ def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
         return np.arange(n)
     k = max(1, int(round(fraction / 100.0 * n)))
     return np.sort(np.random.default_rng(seed).permutation(n)[:k])
-
-
-def upload(t: torch.Tensor, device) -> torch.Tensor:
-    """t on device. From the CPU to a GPU through pinned memory, without waiting: a copy from
-    pageable memory first waits for the GPU to finish the work queued before it (a host sync)."""
-    if torch.device(device).type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def to_input(images: np.ndarray, in_chans: int, device: torch.device, size: Optional[int] = None) -> torch.Tensor:

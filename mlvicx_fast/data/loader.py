@@ -80,6 +80,14 @@ def ffcv_available() -> bool:
         return False
 
 
+def upload(t: torch.Tensor, device) -> torch.Tensor:
+    """t on device. From the CPU to a GPU through pinned memory, without waiting: a copy from
+    pageable memory first waits for the GPU to finish the work queued before it (a host sync)."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def default_workers() -> int:
     """FFCV decode threads: this process's share of the cores it may run on, at most 8. (Not
     torch's thread count: torchrun sets OMP_NUM_THREADS=1, which left one decode thread per GPU.)"""
@@ -274,11 +282,6 @@ class PreparedLoader:
         else:
             self._it.epoch = epoch
 
-    def _to_device(self, t):
-        if t.device != self.device:
-            t = t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t.to(self.device)
-        return t
-
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * self.world_size + self.rank)
         self.epoch += 1
@@ -302,18 +305,18 @@ class PreparedLoader:
             else:
                 img, labels, index = batch[0], batch[1], batch[2]
                 masks = batch[3] if len(batch) > 3 else None
-            img = self._to_device(img)
+            img = upload(img, self.device)
             if self.mode == "pretrain":
-                out = self._two_views(img, gen, None if not self.crop_cpu else self._to_device(img_b))
+                out = self._two_views(img, gen, None if not self.crop_cpu else upload(img_b, self.device))
             elif self.mode == "classify":
                 x = self._two_views(img, gen, None, views=1)[0] if self.random_aug else \
                     eval_transform(img, self.size, self.channels, self.recipe.mean, self.recipe.std, self.out_dtype,
                                    self.backend)
-                out = (x, self._to_device(labels).float())
+                out = (x, upload(labels, self.device).float())
             else:
                 x = eval_transform(img, self.size, self.channels, self.recipe.mean, self.recipe.std, self.out_dtype,
                                    self.backend)
-                m = self._to_device(masks)[:, None].float()
+                m = upload(masks, self.device)[:, None].float()
                 if m.shape[-1] != self.size:
                     # nearest-exact samples at pixel centres, as the image's resize; 'nearest' is half
                     # a source pixel off (floor(i * scale))
