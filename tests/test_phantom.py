@@ -3,6 +3,7 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 
 from mlvicx_fast.data.images import read_image, rle_decode
 from mlvicx_fast.data.phantom import FINDINGS, render_batch, write_phantom
@@ -66,6 +67,19 @@ def test_nih_layout_labels_and_masks(tmp_path, fresh_seed):
     write_phantom(tmp_path / "again", n=70, seed=fresh_seed, size=64, workers=1)
     assert (tmp_path / "again" / "Data_Entry_2017_v2020.csv").read_bytes() == \
         (tmp_path / "Data_Entry_2017_v2020.csv").read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_writing_leaves_torch_threads_alone(tmp_path, workers):
+    """Pool workers run on one thread each; written in this process, the set must not leave the
+    process's later training on one core (it did: every in-process run after a small phantom set)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        write_phantom(tmp_path, n=70, seed=0, size=32, workers=workers)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bad_arguments():

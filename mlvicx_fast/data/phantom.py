@@ -189,9 +189,12 @@ def render_batch(seed: int, start: int, n: int, size: int = 256, force: Optional
     return img.numpy(), labels, ptx_mask.numpy()
 
 
+def _one_thread():
+    torch.set_num_threads(1)  # a pool worker: the workers share the cores
+
+
 def _write_chunk(job):
     root, seed, start, n, size = job
-    torch.set_num_threads(1)
     img, labels, masks = render_batch(seed, start, n, size)
     rows = []
     folder = Path(root) / "images_001" / "images"
@@ -216,7 +219,7 @@ def write_phantom(root, n: int = 2000, seed: int = 0, size: int = 256, workers: 
     jobs = [(str(root), seed, s, min(BATCH, n - s), size) for s in range(0, n, BATCH)]
     workers = workers or min(8, mp.cpu_count())
     if workers > 1 and len(jobs) > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
+        with mp.get_context("fork").Pool(workers, initializer=_one_thread) as pool:
             chunks = pool.map(_write_chunk, jobs)
     else:
         chunks = [_write_chunk(j) for j in jobs]
