@@ -138,9 +138,13 @@ def test_noncontiguous_inputs(backend, shape):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
-@pytest.mark.parametrize("shape", [(600, 24), (40, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(600, 24), (40, 64), (64, 64), (160, 160)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_nearly_decorrelated(backend, shape):
-    """Whitened embeddings: the off-diagonal energy is a tiny remainder of the diagonal one."""
+    """Whitened embeddings: the off-diagonal energy is a tiny remainder of the diagonal one.
+
+    With b <= r (the Gram form, where the cancellation is) C has rank b - 1 and its off-diagonal
+    energy is at least (r / (b - 1) - 1) D, so b = r (about D / r, one Gram tile at 64 and several
+    tiles at 160) is the hardest case there is; 40 x 64 is a rank-deficient one."""
     b, r = shape
     dev = backend_device(backend)
     pair = []
@@ -160,6 +164,8 @@ def test_nearly_decorrelated(backend, shape):
     d_energy, _ = scales(z1, z2)
     if b > r:
         assert terms["cov"].item() < 1e-4 * d_energy  # the case really is nearly decorrelated
+    elif b == r:
+        assert terms["cov"].item() < 2 / (r - 1) * d_energy  # as decorrelated as rank b - 1 allows
     assert_matches(z1, z2, backend)
 
 
@@ -192,6 +198,27 @@ def test_coefficients(backend, coeffs):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("shape", [(48, 96), (96, 24), (200, 256)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_zero_cov_coeff_skips_the_covariance(backend, shape):
+    """A column of size 1e20 (the same in both views) overflows the covariance in float32 (C_jj =
+    1e40); the variance term stays finite (its hinge is 0 there), so a loss that computed the
+    covariance and multiplied it by 0 would not be finite, one that skips it matches float64."""
+    z1, z2 = rand_pair(*shape, backend_device(backend))
+    z1[:, 3] = z1[:, 3] * 1e20
+    z2[:, 3] = z1[:, 3]
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    loss, terms = vicreg_loss(a, b, cov_coeff=0.0, backend=backend, return_terms=True)
+    loss.backward()
+    ref, _, r1, r2 = reference(z1, z2, cov_coeff=0.0)
+    assert set(terms) == {"inv", "var"}
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for g, rg in ((a.grad, r1), (b.grad, r2)):
+        assert torch.isfinite(g).all()
+        assert (g.double().cpu() - rg).abs().max().item() <= 1e-5 * rg.abs().max().item()
+    assert not torch.isfinite(vicreg_loss(z1, z2, backend=backend))  # computed, the covariance overflows
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_terms_sum_to_loss_and_backward_scales(backend):
     z1, z2 = rand_pair(32, 80, backend_device(backend))
     a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
@@ -219,11 +246,15 @@ def test_without_gradients(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "reference", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_nan_or_inf_input_gives_nan(backend, bad):
-    z1, z2 = rand_pair(8, 24, backend_device(backend))
-    z1[3, 5] = bad
-    loss = vicreg_loss(z1, z2, backend=backend)
-    assert math.isnan(loss.item())
+@pytest.mark.parametrize("coeffs", [{}, {"std_coeff": 0.0, "cov_coeff": 0.0}, {"cov_coeff": 0.0}, {"std_coeff": 0.0}],
+                         ids=["all", "inv-only", "no-cov", "no-var"])
+def test_nan_or_inf_input_gives_nan(backend, bad, coeffs):
+    """Whichever terms run: with the invariance term alone an Inf would otherwise give +Inf."""
+    for shape in ((8, 24), (64, 16)):
+        z1, z2 = rand_pair(*shape, backend_device(backend))
+        z1[3, 5] = bad
+        loss, terms = vicreg_loss(z1, z2, backend=backend, return_terms=True, **coeffs)
+        assert math.isnan(loss.item()), (shape, loss.item(), terms)
 
 
 def test_float64_on_torch_backend_is_exact():

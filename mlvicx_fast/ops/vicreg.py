@@ -1054,6 +1054,8 @@ def vicreg_loss(
     else:
         out = _IMPLS[backend](z1, z2, sim, std, cov, eps, False)[0]
         loss, values = out[0], out[1:]
+    if std == 0.0 and cov == 0.0:  # the invariance term alone makes an Inf input +Inf, not NaN;
+        loss = loss + (loss - loss)  # Inf - Inf is NaN, a finite loss is unchanged (and so is its gradient)
     if not return_terms:
         return loss
     terms = {k: values[i] for i, (k, c) in enumerate((("inv", sim), ("var", std), ("cov", cov))) if c != 0.0}
