@@ -90,8 +90,9 @@ def test_bad_inputs():
         aggregate_exact([torch.randn(2, 5, 4, 4)], w, b)
     with pytest.raises(ValueError, match=r"map 0 must be 4-D \(N, C, H, W\), got shape \(3, 4, 4\)"):
         aggregate_exact([torch.randn(3, 4, 4)], w, b)
-    with pytest.raises(ValueError, match=r"every dimension of map 0 must be >= 1, got shape \(2, 3, 0, 4\)"):
-        aggregate_exact([torch.randn(2, 3, 0, 4)], w, b)
+    for shape in ((2, 3, 0, 4), (2, 3, 4, 0)):
+        with pytest.raises(ValueError, match=rf"every dimension of map 0 must be >= 1, got shape \({', '.join(map(str, shape))}\)"):
+            aggregate_exact([torch.randn(*shape)], w, b)
     with pytest.raises(ValueError, match="map 1 has batch 3 but map 0 has 2"):
         aggregate_exact([torch.randn(2, 3, 4, 4), torch.randn(3, 3, 4, 4)], w * 2, b * 2)
     with pytest.raises(ValueError, match="unknown mode 'fast'"):

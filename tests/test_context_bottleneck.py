@@ -144,8 +144,9 @@ def test_bad_inputs(backend):
         block(torch.randn(2, 4, 5, 5, device=TRITON_DEVICE))
     with pytest.raises(ValueError, match=r"must be 4-D \(N, C, H, W\), got shape \(8, 5, 5\)"):
         block(torch.randn(8, 5, 5, device=TRITON_DEVICE))
-    with pytest.raises(ValueError, match=r"every dimension of x must be >= 1, got shape \(2, 8, 0, 5\)"):
-        block(torch.randn(2, 8, 0, 5, device=TRITON_DEVICE))
+    for shape in ((2, 8, 0, 5), (2, 8, 5, 0), (0, 8, 5, 5)):
+        with pytest.raises(ValueError, match=rf"every dimension of x must be >= 1, got shape \({', '.join(map(str, shape))}\)"):
+            block(torch.randn(*shape, device=TRITON_DEVICE))
     with pytest.raises(TypeError, match="dtype torch.int64"):
         block(torch.ones(2, 8, 5, 5, dtype=torch.long, device=TRITON_DEVICE))
     x = torch.randn(2, 8, 5, 5, device=TRITON_DEVICE)

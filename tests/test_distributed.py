@@ -74,7 +74,7 @@ def _check_ranks(out_dir, loss_fn, kind, head, x1, x2, sizes):
 def _worker(rank, port, kind, backend, state, x1, x2, out_dir):
     _init(rank, port)
     try:
-        head = torch.nn.Linear(x1.shape[1], 24)
+        head = torch.nn.Linear(x1.shape[1], state["weight"].shape[0])
         head.load_state_dict(state)
         n = x1.shape[0] // WORLD
         sl = slice(rank * n, (rank + 1) * n)
@@ -86,12 +86,13 @@ def _worker(rank, port, kind, backend, state, x1, x2, out_dir):
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", ["vicreg", "mlvicx"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
-def test_gather_distributed_matches_single_process(tmp_path, kind, backend):
+@pytest.mark.parametrize("width", [24, 5], ids=["b<r", "b>r"])  # the Gram form and the r x r form
+def test_gather_distributed_matches_single_process(tmp_path, kind, backend, width):
     if backend == "triton" and torch.cuda.is_available():
         pytest.skip("gloo on CPU tensors; the compiled kernels need CUDA tensors")
     b, d = 12, 10
     x1, x2 = torch.randn(b, d), torch.randn(b, d)
-    head = torch.nn.Linear(d, 24)
+    head = torch.nn.Linear(d, width)
     state = {k: v.clone() for k, v in head.state_dict().items()}
 
     mp.spawn(_worker, args=(_free_port(), kind, backend, state, x1, x2, str(tmp_path)), nprocs=WORLD, join=True)

@@ -199,8 +199,9 @@ def test_bad_inputs():
         model(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match=r"expected a 4-D image batch \(N, 3, H, W\), got \(3, 32, 32\)"):
         model(torch.randn(3, 32, 32))
-    with pytest.raises(ValueError, match=r"every dimension of x must be >= 1, got shape \(2, 3, 0, 32\)"):
-        model(torch.randn(2, 3, 0, 32))
+    for shape in ((2, 3, 0, 32), (2, 3, 32, 0)):
+        with pytest.raises(ValueError, match=rf"every dimension of x must be >= 1, got shape \({', '.join(map(str, shape))}\)"):
+            model(torch.randn(*shape))
     with pytest.raises(ValueError, match="unknown preset 'large'"):
         MLVICX("large")
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
