@@ -1609,6 +1609,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _require_eval_packages()
+        cpu = pick_device(getattr(args, "device", "auto")).type == "cpu"
+        if args.command in ("cls", "seg", "demo", "heatmap") and cpu:
+            from .host import reuse_freed_memory
+
+            reuse_freed_memory()  # ~20 % off a CPU training step (see mlvicx_fast/host.py)
         if args.command in ("cls", "seg"):
             if args.deterministic:
                 from .checkpoint import make_deterministic

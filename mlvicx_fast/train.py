@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from .checkpoint import (CheckpointManager, atomic_save, atomic_write_text, load, make_deterministic,
                          remove_stale_temps, rng_state, set_rng_state)
+from .host import reuse_freed_memory
 from .nn.loss import MLVICXLoss
 from .optim import LARS, scaled_lr, warmup_cosine_lr
 
@@ -636,6 +637,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cuda":
         # streams, CUDA-graph capture and the Triton launches all use the current device
         torch.cuda.set_device(device)
+    else:
+        reuse_freed_memory()  # ~20 % off a CPU step (see mlvicx_fast/host.py)
 
     data_dir, split = resolve_data(cfg)  # a missing or wrong --data stops here, before any other work
     init_state = None
