@@ -397,18 +397,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MLVICX_CACHE", Path.home() / ".cache" / "mlvicx_fast"))
 
 
+def phantom_size(view: int) -> int:
+    """Stored side of the built-in phantom set for `view`-pixel views: 256 (its usual size) unless
+    that is over 1.5x the view (the crop-resize does not antialias, so larger crops would alias),
+    then the view + 25 % rounded up to a multiple of 4 (160 px for the CPU run's 128 px views)."""
+    return 256 if 1.5 * view >= 256 else 4 * math.ceil(1.25 * view / 4)
+
+
 def resolve_data(cfg: Config):
     """(prepared folder, split) for --data; with none, the built-in phantom set (built once, cached)."""
     if cfg.data is None:
         # one phantom set whatever --seed says: the seed varies the run (order, augmentation,
         # initialisation), not the data, and a new seed does not build another set
-        root = cache_dir() / f"phantom-n{cfg.phantom_n}-seed{PHANTOM_SEED}"
+        size = phantom_size(cfg.image_size)
+        root = cache_dir() / (f"phantom-n{cfg.phantom_n}-seed{PHANTOM_SEED}" + ("" if size == 256 else f"-{size}px"))
         if is_main():
             from .data.prepare import ensure_phantom
 
             if not (root / "nih" / "meta.json").is_file():
-                say(f"building the built-in phantom chest X-ray set ({cfg.phantom_n} images) in {root} (once)")
-            ensure_phantom(root, n=cfg.phantom_n, seed=PHANTOM_SEED)
+                say(f"building the built-in phantom chest X-ray set ({cfg.phantom_n} images, {size} px) in {root} (once)")
+            ensure_phantom(root, n=cfg.phantom_n, seed=PHANTOM_SEED, size=size)
         if dist.is_initialized():
             dist.barrier()
         return root / "nih", "train"
