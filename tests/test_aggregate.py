@@ -9,6 +9,7 @@ from .helpers import rel_err
 
 TAPS_224 = [(64, 112, 112), (64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
 ODD = [(3, 1, 1), (5, 13, 5), (7, 65, 64), (4, 3, 100), (6, 64, 64)]
+SIDE1 = [(3, 1, 3), (4, 2, 1), (5, 1, 70), (2, 7, 1)]  # a side of 1 beside a longer one (a 32 x 64 input's last tap)
 
 
 def make(taps, n, width, dtype=torch.float64, channels_last=False):
@@ -30,8 +31,8 @@ def value_and_grads(fn, tensors, grad_out, resize, pool):
 
 @pytest.mark.parametrize(
     "taps,resize,pool,width",
-    [(TAPS_224, 64, 4, 512), (ODD, 64, 4, 32), (ODD, 20, 3, 16), (ODD[:2], 7, 7, 8)],
-    ids=["taps224", "odd", "odd-r20-q3", "odd-r7-q7"],
+    [(TAPS_224, 64, 4, 512), (ODD, 64, 4, 32), (ODD, 20, 3, 16), (ODD[:2], 7, 7, 8), (SIDE1, 64, 4, 16)],
+    ids=["taps224", "odd", "odd-r20-q3", "odd-r7-q7", "side-1"],
 )
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_exact_matches_official(taps, resize, pool, width, channels_last):

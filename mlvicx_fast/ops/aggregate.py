@@ -57,7 +57,9 @@ def pooling_matrix(height: int, width: int, resize: int = 64, pool: int = 4,
     def build():
         k_h = resize_pool_matrix(height, resize, pool, device=device, dtype=torch.float64)
         k_w = resize_pool_matrix(width, resize, pool, device=device, dtype=torch.float64)
-        return torch.kron(k_h, k_w).to(dtype=dtype)
+        # kron(K_h, K_w) as an outer product: torch.kron fails on a (4, 1) K whose strides
+        # .contiguous() leaves as they are (a side of 1 beside a side above 1)
+        return (k_h[:, None, :, None] * k_w[None, :, None, :]).reshape(pool * pool, height * width).to(dtype=dtype)
 
     if torch.compiler.is_compiling():
         return build()
