@@ -3,13 +3,13 @@ r"""Batch normalisation with statistics over every process, for CPU training on 
 torch.nn.SyncBatchNorm runs only on GPUs. This module computes the same thing with plain
 collectives, so a multi-process CPU run (and its test) normalises by the global batch::
 
-    S1_c = all_reduce(sum_{n,h,w} x),  S2_c = all_reduce(sum_{n,h,w} x^2),  M = all_reduce(count)
-    mean = S1 / M,  var = S2 / M - mean^2                  (biased, used to normalise)
+    S1_c = all_reduce(sum_{n,h,w} x),  M = all_reduce(count),  mean = S1 / M
+    var = all_reduce(sum_{n,h,w} (x - mean)^2) / M      (biased, used to normalise)
     y = (x - mean) / sqrt(var + eps) * weight + bias
     running_mean/var updated with mean and var * M / (M - 1)   (as torch's BatchNorm)
 
-Gradients flow through the all-reduce (its backward all-reduces the gradient), like torch's
-SyncBatchNorm backward. In eval mode, or without a process group, it is plain batch norm.
+Gradients flow through the all-reduces (their backward all-reduces the gradient), like torch's
+SyncBatchNorm backward. Everything is computed in float64 and the output cast back to x's dtype. In eval mode, or without a process group, it is plain batch norm.
 """
 from __future__ import annotations
 
@@ -45,22 +45,28 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
         if not (self.training and distributed):
             return super().forward(x)  # torch's own BatchNorm (num_batches_tracked, momentum=None)
         dims = [0] + list(range(2, x.dim()))
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=xf.dtype)
-        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = _AllReduceSum.apply(stats)
+        xf = x.double()  # statistics and normalisation in float64: a CPU module, and a sum of fp32
+        # values around 300 alone is off by a few 1e-3 of a spread of 0.01
         c = x.shape[1]
+        count = torch.tensor([x.numel() / c], dtype=xf.dtype)
+        stats = _AllReduceSum.apply(torch.cat([xf.sum(dims), count]))
         m = stats[-1]
+        if m.item() <= 1:
+            raise ValueError(f"SyncBatchNormCPU: expected more than 1 value per channel over all processes, "
+                             f"got {int(m.item())} (local input {tuple(x.shape)})")
+        shape = [1, c] + [1] * (x.dim() - 2)
         mean = stats[:c] / m
-        var = stats[c:2 * c] / m - mean * mean
+        # two passes: E[x^2] - mean^2 cancels to garbage (NaN under the root) when the mean is
+        # large against the spread; the centred sum does not
+        centred = xf - mean.view(shape)
+        var = _AllReduceSum.apply(centred.square().sum(dims)) / m
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
                 self.running_var.mul_(1 - momentum).add_(var.detach() * (m / (m - 1)), alpha=momentum)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
