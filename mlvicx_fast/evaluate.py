@@ -131,7 +131,9 @@ def _strip_prefix(sd: Mapping[str, torch.Tensor],
 def _mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor], ignore: Callable[[str], bool] = lambda k: False) -> str:
     """'' when sd fits model's state_dict (names and shapes), else a short description of the misfit."""
     want = model.state_dict()
-    missing = [k for k in want if k not in sd]
+    # BatchNorm fills in a missing num_batches_tracked (files saved before torch 0.4.1 have none,
+    # torchvision's first ImageNet ResNet weights among them)
+    missing = [k for k in want if k not in sd and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in sd if k not in want and not ignore(k)]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(want[k].shape)}"
               for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape) and not ignore(k)]

@@ -86,8 +86,11 @@ def test_encoder_from_torchvision_named_resnet18(tmp_path):
     ref = ResNet18(num_classes=1000).eval()
     torch.save(ref.state_dict(), tmp_path / "imagenet.pth")
     torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "dp.pth")
+    # saved before torch 0.4.1 (torchvision's first ImageNet weights): no num_batches_tracked
+    torch.save({k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")},
+               tmp_path / "old.pth")
     x = torch.randn(2, 3, SIZE, SIZE)
-    for name in ("imagenet.pth", "dp.pth"):
+    for name in ("imagenet.pth", "dp.pth", "old.pth"):
         enc = ev.load_pretrained_encoder(tmp_path / name).eval()
         with torch.no_grad():
             assert torch.allclose(enc(x), ref.forward_features(x), atol=1e-6)
