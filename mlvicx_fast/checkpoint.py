@@ -7,7 +7,9 @@ whole new one. :class:`CheckpointManager` keeps the last `keep` step checkpoints
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -65,8 +67,12 @@ def _umask() -> int:
 
 
 def rng_state() -> Dict[str, Any]:
-    """Every random number generator a training step draws from."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random number generator a training step draws from (tensors and plain values only,
+    so the checkpoint loads with torch's weights-only unpickler)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -74,7 +80,11 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        np_state = (np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                    np_state["has_gauss"], np_state["cached_gaussian"])
+    np.random.set_state(np_state)  # else numpy's own tuple (checkpoints written before 2026-12-02)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         # saved by a process that saw more GPUs than this one (rank 0 of 8, resumed on 1): the
@@ -129,6 +139,36 @@ class CheckpointManager:
         return None
 
 
+class UnsafeCheckpoint(ValueError):
+    """A file that needs more than torch's weights-only unpickler allows."""
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numeric numpy array needs (the RNG state of checkpoints written before
+    2026-12-02 holds one); object arrays need more, so they stay refused."""
+    core = getattr(np, "_core", None) or np.core
+    numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+               np.float16, np.float32, np.float64)
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype] + [type(np.dtype(t)) for t in numeric]
+
+
 def load(path: PathLike, map_location="cpu") -> Dict[str, Any]:
-    """Load a checkpoint written by this package (it holds RNG states and the config: not weights-only)."""
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """Load a checkpoint with torch's weights-only unpickler: tensors, numbers, strings, containers
+    (and numeric numpy arrays, for older checkpoints of this package). A file that holds other
+    Python objects, whose unpickling can run any code, raises UnsafeCheckpoint naming them; if you
+    trust it, load it yourself with torch.load(..., weights_only=False) and save its state_dict."""
+    torch.serialization.add_safe_globals(_numpy_array_globals())
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = []
+        with contextlib.suppress(Exception):
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if not names and not re.search(r"Unsupported global|but got <class", str(e)):
+            raise  # not a pickle at all, or a damaged one
+        what = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") if names else "objects"
+        raise UnsafeCheckpoint(
+            f"{str(path)!r} holds Python objects beyond tensors and plain values ({what}); unpickling them "
+            "could run any code, so it is not loaded. If you trust the file, load it with "
+            "torch.load(path, weights_only=False) and torch.save its state_dict (the tensors) instead"
+        ) from None

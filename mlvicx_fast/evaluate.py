@@ -101,10 +101,12 @@ def resolve_checkpoint(path: PathLike) -> Path:
 
 
 def _read_checkpoint(path: Path) -> Any:
-    from .checkpoint import load
+    from .checkpoint import UnsafeCheckpoint, load
 
     try:
         return load(path)
+    except UnsafeCheckpoint as e:
+        raise EvaluationError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds here; say what the file is not
         raise EvaluationError(f"could not read {str(path)!r} as a torch checkpoint: {type(e).__name__}: {e}") from None
 

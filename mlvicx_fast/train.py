@@ -35,8 +35,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (CheckpointManager, atomic_save, atomic_write_text, load, make_deterministic,
-                         remove_stale_temps, rng_state, set_rng_state)
+from .checkpoint import (CheckpointManager, UnsafeCheckpoint, atomic_save, atomic_write_text, load,
+                         make_deterministic, remove_stale_temps, rng_state, set_rng_state)
 from .host import reuse_freed_memory
 from .nn.loss import MLVICXLoss
 from .optim import LARS, scaled_lr, warmup_cosine_lr
@@ -558,7 +558,12 @@ def find_checkpoint(path: str) -> Tuple[Path, Dict[str, Any]]:
     checkpoint that loads (a damaged newer one is reported and passed over)."""
     p = Path(path)
     if p.is_file():
-        state = load(p)
+        try:
+            state = load(p)
+        except UnsafeCheckpoint as e:
+            raise SystemExit(f"train: --resume {path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds; say what the file is not
+            raise SystemExit(f"train: --resume {path}: could not read it as a checkpoint ({type(e).__name__}: {e})") from None
         missing = [k for k in ("optimizer", "rng", "step", "config") if k not in state]
         if missing:
             raise SystemExit(f"train: --resume {path}: not a training checkpoint (it has no {', '.join(missing)}"

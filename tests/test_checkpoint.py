@@ -106,3 +106,34 @@ def test_saved_files_get_the_usual_mode(tmp_path):
     finally:
         os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+class Gadget:  # an arbitrary Python object: unpickling one can run any code
+    def __init__(self):
+        self.weights = torch.randn(3)
+
+
+def test_checkpoints_are_weights_only_and_unsafe_files_are_refused(tmp_path):
+    from mlvicx_fast.checkpoint import UnsafeCheckpoint
+
+    ours = atomic_save({"model": {"w": torch.randn(2)}, "rng": rng_state(), "step": 3, "config": {"lr": 0.1}},
+                       tmp_path / "ours.pt")
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(ours) == []  # torch.load(..., weights_only=True) reads it
+    torch.save({"model": Gadget()}, tmp_path / "gadget.pt")
+    with pytest.raises(UnsafeCheckpoint, match=r"gadget\.pt' holds Python objects .*test_checkpoint\.Gadget.*weights_only=False"):
+        load(tmp_path / "gadget.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(Exception) as e:
+        load(tmp_path / "text.pt")
+    assert not isinstance(e.value, UnsafeCheckpoint)  # unreadable, not refused
+
+
+def test_checkpoints_with_numpy_rng_state_still_load_and_restore(tmp_path):
+    """Written before 2026-12-02: numpy's own get_state() tuple, an ndarray inside."""
+    state = rng_state()
+    state["numpy"] = np.random.get_state()
+    atomic_save({"rng": state}, tmp_path / "old.pt")
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(load(tmp_path / "old.pt")["rng"])
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])

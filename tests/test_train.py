@@ -132,7 +132,8 @@ def test_resume_continues_exactly(phantom_npy, tmp_path):
     assert train.main([*args, "--out", str(tmp_path / "split"), "--max-steps", "2"]) == 0
     # the continuation in a fresh process, from another directory: nothing but the checkpoint carries over
     subprocess.run([sys.executable, "-m", "mlvicx_fast.train", "--resume", str(tmp_path / "split"), "--max-steps", "5",
-                    "--quiet"], cwd=tmp_path, check=True, capture_output=True)
+                    "--quiet"], cwd=tmp_path, check=True, capture_output=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
     whole, split = _rows(tmp_path / "whole"), _rows(tmp_path / "split")
     assert [r["step"] for r in split] == [r["step"] for r in whole] == ["1", "2", "3", "4", "5"]
     for a, b in zip(whole, split):
