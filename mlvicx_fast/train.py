@@ -415,7 +415,8 @@ def resolve_data(cfg: Config):
             from .data.prepare import ensure_phantom
 
             if not (root / "nih" / "meta.json").is_file():
-                say(f"building the built-in phantom chest X-ray set ({cfg.phantom_n} images, {size} px) in {root} (once)")
+                say(f"building the built-in phantom chest X-ray set ({cfg.phantom_n} images, {size} px) "
+                    f"in {root} (once)")
             ensure_phantom(root, n=cfg.phantom_n, seed=PHANTOM_SEED, size=size)
         if dist.is_initialized():
             dist.barrier()
@@ -563,7 +564,8 @@ def find_checkpoint(path: str) -> Tuple[Path, Dict[str, Any]]:
         except UnsafeCheckpoint as e:
             raise SystemExit(f"train: --resume {path}: {e}") from None
         except Exception as e:  # noqa: BLE001 - torch raises many kinds; say what the file is not
-            raise SystemExit(f"train: --resume {path}: could not read it as a checkpoint ({type(e).__name__}: {e})") from None
+            raise SystemExit(f"train: --resume {path}: could not read it as a checkpoint "
+                             f"({type(e).__name__}: {e})") from None
         missing = [k for k in ("optimizer", "rng", "step", "config") if k not in state]
         if missing:
             raise SystemExit(f"train: --resume {path}: not a training checkpoint (it has no {', '.join(missing)}"

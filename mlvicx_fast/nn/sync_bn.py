@@ -9,7 +9,8 @@ collectives, so a multi-process CPU run (and its test) normalises by the global 
     running_mean/var updated with mean and var * M / (M - 1)   (as torch's BatchNorm)
 
 Gradients flow through the all-reduces (their backward all-reduces the gradient), like torch's
-SyncBatchNorm backward. Everything is computed in float64 and the output cast back to x's dtype. In eval mode, or without a process group, it is plain batch norm.
+SyncBatchNorm backward. Everything is computed in float64 and the output cast back to x's dtype.
+In eval mode, or without a process group, it is plain batch norm.
 """
 from __future__ import annotations
 
