@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -359,6 +360,12 @@ def test_resume_of_a_weights_only_file_is_a_clear_error(phantom_npy, tmp_path):
     with pytest.raises(SystemExit, match=r"not a training checkpoint \(it has no optimizer, rng; final.pt holds "
                                          r"the weights only\)"):
         train.main(["--resume", str(run / "final.pt")])
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match=r"--resume .*notes.pt: could not read it as a checkpoint \(UnpicklingError"):
+        train.main(["--resume", str(tmp_path / "notes.pt")])
+    torch.save({"step": 3, "config": {}, "rng": {}, "optimizer": {}, "model": {"x": Fraction(1, 3)}}, tmp_path / "odd.pt")
+    with pytest.raises(SystemExit, match=r"--resume .*odd.pt: .*holds Python objects .*fractions.Fraction"):
+        train.main(["--resume", str(tmp_path / "odd.pt")])
 
 
 def test_values_no_run_can_use_stop_before_the_run_folder(tmp_path, phantom_npy):
