@@ -54,14 +54,14 @@ class Config:
     data: Optional[str] = field(default=None, metadata=dict(
         help="prepared dataset folder or .beton file (default: the built-in phantom set, built once and cached)"))
     preset: str = field(default="paper", metadata=dict(
-        choices=["paper", "official"], help="network preset: paper (D=2048) or official (D=4096, final BN; default "
-                                             "batch 256); the optimiser is the official code's for both"))
+        choices=["paper", "official"], help="network preset: paper (D=2048) or official (D=4096, final BN); the "
+                                             "optimiser and batch 64 are the official code's for both"))
     dim: int = field(default=0, metadata=dict(help="expander width D (0: the preset's, 2048 paper / 4096 official)"))
     epochs: int = field(default=0, metadata=dict(
         help="epochs (0: 300; the built-in default run: 4 on a CPU, 100 on a GPU)"))
     batch_size: int = field(default=0, metadata=dict(
-        help="images per view per step, over all processes (0: 64 paper, 256 official; the built-in default "
-             "run: 32 on a CPU)"))
+        help="images per view per step, over all processes (0: 64, the official config's and the paper's; "
+             "the built-in default run: 32 on a CPU)"))
     lr: float = field(default=0.0, metadata=dict(
         help="peak learning rate (0: base_lr * batch_size / 256; the built-in default run: 1.0 unless --base-lr "
              "is given)"))
@@ -249,7 +249,7 @@ def resolve(cfg: Config) -> Config:
     if cfg.image_size == 0:
         cfg.image_size = 224 if cuda or not builtin else 128
     if cfg.batch_size == 0:
-        cfg.batch_size = (256 if cfg.preset == "official" else 64) if cuda or not builtin else 32
+        cfg.batch_size = 64 if cuda or not builtin else 32  # configs/resnet18/mlvicx.yaml: batch_size 64
     if cfg.epochs == 0:
         cfg.epochs = 300 if not builtin else (100 if cuda else 4)
     if cfg.warmup_epochs is None:

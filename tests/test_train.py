@@ -385,6 +385,8 @@ def test_builtin_run_lr_and_phantom_set(monkeypatch, tmp_path):
     assert train.resolve(train.Config(device="cpu")).lr == 1.0
     assert train.resolve(train.Config(device="cpu", base_lr=0.4, batch_size=64)).lr == pytest.approx(0.1)
     assert train.resolve(train.Config(device="cpu", data=str(tmp_path))).lr == pytest.approx(0.2 * 64 / 256)
+    official = train.resolve(train.Config(device="cpu", data=str(tmp_path), preset="official"))
+    assert (official.batch_size, official.lr) == (64, pytest.approx(0.05))  # the authors' config: batch_size 64
     import mlvicx_fast.data.prepare as prep
 
     built = []
