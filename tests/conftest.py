@@ -5,6 +5,8 @@
   On a GPU machine (benchmarks/gpu_check.sh) it is left unset and the kernels are compiled.
 * Every test gets fresh random inputs: the global torch/numpy/random seeds are drawn anew for
   each test and printed, so a failure can be replayed with MLVICX_TEST_SEED=<seed>.
+* A test that leaves torch on another thread count than the session's fails (and the count is
+  put back), so no test runs the later ones on one core.
 * The interpreter runs a launch's programs one after another in grid order; a GPU runs them
   concurrently in no order. So that a kernel whose program reads what another program of the
   same launch writes fails here too, every launch runs its programs in a fresh random order
@@ -75,6 +77,22 @@ def fresh_seed(request):
     random.seed(seed)
     print(f"[seed] {request.node.nodeid}: MLVICX_TEST_SEED={seed}")
     return seed
+
+
+THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_left_alone():
+    """A test (or the package code it runs) that leaves torch on another thread count fails: such a
+    leak put every later in-process training of the session on one core (a bare `import ffcv`,
+    and the phantom writer), and made an in-process run differ in the last bits from a fresh one."""
+    torch.set_num_threads(THREADS)
+    yield
+    left = torch.get_num_threads()
+    if left != THREADS:
+        torch.set_num_threads(THREADS)
+        pytest.fail(f"the test left torch on {left} thread(s); the session runs on {THREADS}")
 
 
 def pytest_report_header(config):

@@ -14,15 +14,12 @@ pytest.importorskip("pydicom")
 
 from mlvicx_fast.data import datasets as ds  # noqa: E402
 from mlvicx_fast.data.images import fit_square, fit_square_mask, read_image, rle_decode, rle_encode  # noqa: E402
+from mlvicx_fast.data.loader import ffcv_available  # noqa: E402
 from mlvicx_fast.data.prepare import prepare  # noqa: E402
 
 from .data_layouts import excerpt_rows, make_nih, make_rsna, make_siim, make_vinbig, write_dicom, write_png  # noqa: E402
 
-HAS_FFCV = True
-try:
-    import ffcv  # noqa: F401
-except ImportError:
-    HAS_FFCV = False
+HAS_FFCV = ffcv_available()  # a bare `import ffcv` left torch on one thread for the whole session
 
 ROOT = Path(__file__).resolve().parents[1]
 NIH_ORDER = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",

@@ -423,7 +423,10 @@ def test_beton_and_npy_read_the_same(tmp_path, phantom, monkeypatch):
     assert sorted(p.name for p in decoded.iterdir()) == ["val.json", "val_images.npy", "val_labels.npy",
                                                          "val_masks.npy"]
     # ... which later reads map without FFCV while the .beton is unchanged ...
-    import ffcv.loader
+    from mlvicx_fast.data.loader import keep_torch_threads
+
+    with keep_torch_threads():
+        import ffcv.loader
 
     def no_loader(*a, **k):
         raise AssertionError("decoded the .beton again")

@@ -11,15 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlvicx_fast.data.loader import fraction_indices, make_loader
+from mlvicx_fast.data.loader import ffcv_available, fraction_indices, make_loader
 from mlvicx_fast.data.prepare import prepare
 from mlvicx_fast.ops.augment import eval_transform
 
-try:
-    import ffcv  # noqa: F401
-    HAS_FFCV = True
-except ImportError:
-    HAS_FFCV = False
+HAS_FFCV = ffcv_available()  # a bare `import ffcv` left torch on one thread for the whole session
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_ffcv = pytest.mark.skipif(not HAS_FFCV, reason="ffcv is not installed (scripts/setup.sh --dev installs it)")
