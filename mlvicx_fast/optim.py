@@ -10,7 +10,8 @@ LARS step for a parameter p with gradient g (You et al. 2017, as in facebookrese
 Defaults: momentum 0.9, eta 0.001, weight decay 1e-6 (the official VICReg/MLVICX code).
 
 Schedule: lr = base_lr * batch / 256; linear warmup from 0 over `warmup_steps`, then a half
-cosine down to 0.001 * lr at the last step.
+cosine that reaches 0.001 * lr at step `total_steps`, one past the last step taken (as official
+VICReg: the last step of a 100-step run with 10 warm-up steps has 0.0013 * lr).
 
 :class:`LARS` updates float32 CUDA parameters with the fused Triton kernels of
 :mod:`mlvicx_fast.ops.lars` (three launches, seven passes over the parameters) and anything else
