@@ -11,7 +11,11 @@ Defaults: momentum 0.9, eta 0.001, weight decay 1e-6 (the official VICReg/MLVICX
 
 Schedule: lr = base_lr * batch / 256; linear warmup from 0 over `warmup_steps`, then a half
 cosine that reaches 0.001 * lr at step `total_steps`, one past the last step taken (as official
-VICReg: the last step of a 100-step run with 10 warm-up steps has 0.0013 * lr).
+VICReg: the last step of a 100-step run with 10 warm-up steps has 0.0013 * lr). The MLVICX code
+divides the cosine's argument by all the steps T instead of T - warmup (its `self.total_steps -=
+self.warmup_steps` is commented out), so its cosine stops short of the end: over 300 epochs with 2
+of warm-up the two schedules differ by at most 0.6 % of the peak; this one is DESIGN.md's and
+official VICReg's.
 
 :class:`LARS` updates float32 CUDA parameters with the fused Triton kernels of
 :mod:`mlvicx_fast.ops.lars` (three launches, seven passes over the parameters) and anything else
