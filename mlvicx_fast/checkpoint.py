@@ -134,6 +134,8 @@ class CheckpointManager:
         for _, path in reversed(self.list()):
             try:
                 return path, load(path, map_location)
+            except UnsafeCheckpoint:
+                raise  # not damaged, refused: say so rather than pass over it
             except Exception:  # noqa: BLE001 - a damaged file: fall back to the one before
                 continue
         return None
@@ -145,11 +147,29 @@ class UnsafeCheckpoint(ValueError):
 
 def _numpy_array_globals() -> list:
     """What unpickling a numeric numpy array needs (the RNG state of checkpoints written before
-    2026-12-02 holds one); object arrays need more, so they stay refused."""
+    2026-12-02 holds one); object arrays need more, so they stay refused. A file names
+    `_reconstruct` by the module of the numpy that wrote it, numpy.core (1.x) or numpy._core (2.x):
+    both spellings are allowed where torch takes (object, name) pairs (torch >= 2.6)."""
     core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
     numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
                np.float16, np.float32, np.float64)
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype] + [type(np.dtype(t)) for t in numeric]
+    names = [reconstruct, np.ndarray, np.dtype] + [type(np.dtype(t)) for t in numeric]
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6):
+        names += [(reconstruct, f"numpy.{mod}.multiarray._reconstruct") for mod in ("core", "_core")]
+    return names
+
+
+@contextlib.contextmanager
+def _allow_numpy_arrays():
+    """The allow-list above for this load only, where torch can scope it (torch >= 2.5)."""
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is None:
+        torch.serialization.add_safe_globals(_numpy_array_globals())
+        yield
+    else:
+        with scoped(_numpy_array_globals()):
+            yield
 
 
 def load(path: PathLike, map_location="cpu") -> Dict[str, Any]:
@@ -157,9 +177,9 @@ def load(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     (and numeric numpy arrays, for older checkpoints of this package). A file that holds other
     Python objects, whose unpickling can run any code, raises UnsafeCheckpoint naming them; if you
     trust it, load it yourself with torch.load(..., weights_only=False) and save its state_dict."""
-    torch.serialization.add_safe_globals(_numpy_array_globals())
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with _allow_numpy_arrays():
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         names = []
         with contextlib.suppress(Exception):

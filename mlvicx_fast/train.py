@@ -574,7 +574,10 @@ def find_checkpoint(path: str) -> Tuple[Path, Dict[str, Any]]:
         return p, state
     manager = CheckpointManager(p / "checkpoints")
     found = manager.list() if p.is_dir() else []
-    good = manager.load_latest() if found else None
+    try:
+        good = manager.load_latest() if found else None
+    except UnsafeCheckpoint as e:
+        raise SystemExit(f"train: --resume {path}: {e}") from None
     if good is None:
         raise SystemExit(f"train: --resume {path}: no checkpoint there that loads (expected a .pt file or a run "
                          "folder with checkpoints/ckpt-*.pt)")

@@ -122,6 +122,11 @@ def test_checkpoints_are_weights_only_and_unsafe_files_are_refused(tmp_path):
     torch.save({"model": Gadget()}, tmp_path / "gadget.pt")
     with pytest.raises(UnsafeCheckpoint, match=r"gadget\.pt' holds Python objects .*test_checkpoint\.Gadget.*weights_only=False"):
         load(tmp_path / "gadget.pt")
+    mgr = CheckpointManager(tmp_path / "run")
+    mgr.save(1, {"w": torch.randn(2)})
+    torch.save({"model": Gadget()}, mgr.path(2))
+    with pytest.raises(UnsafeCheckpoint):  # refused, not passed over as if damaged
+        mgr.load_latest()
     (tmp_path / "text.pt").write_text("not a checkpoint")
     with pytest.raises(Exception) as e:
         load(tmp_path / "text.pt")
@@ -133,7 +138,23 @@ def test_checkpoints_with_numpy_rng_state_still_load_and_restore(tmp_path):
     state = rng_state()
     state["numpy"] = np.random.get_state()
     atomic_save({"rng": state}, tmp_path / "old.pt")
+    # the same file as numpy 1.x writes it: _reconstruct under numpy.core, not numpy._core
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(tmp_path / "old.pt") as zin, zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(item.filename, data)
+    (tmp_path / "numpy1.pt").write_bytes(buf.getvalue())
+    names = ["old.pt", "numpy1.pt"] if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6) \
+        else ["old.pt"]  # torch < 2.6 allows a global under its current name only
+    set_rng_state(state)
     a = (random.random(), np.random.rand(), torch.rand(3))
-    set_rng_state(load(tmp_path / "old.pt")["rng"])
-    b = (random.random(), np.random.rand(), torch.rand(3))
-    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+    for name in names:
+        set_rng_state(load(tmp_path / name)["rng"])
+        b = (random.random(), np.random.rand(), torch.rand(3))
+        assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]), name
