@@ -108,6 +108,8 @@ class Config:
     deterministic: bool = field(default=False, metadata=dict(
         help="deterministic algorithms and fixed loss-kernel tiles, MLVICX_AUTOTUNE=0 (slower; exact resume on GPU)"))
     phantom_n: int = field(default=2000, metadata=dict(help="images in the built-in phantom set"))
+    phantom_size: int = field(default=0, metadata=dict(
+        help="stored side of the built-in phantom set (0: from the view size, 160 px for 128 px views, else 256)"))
     config: str = field(default="", metadata=dict(help="TOML or YAML file whose keys are these option names"))
 
 
@@ -256,6 +258,8 @@ def resolve(cfg: Config) -> Config:
         cfg.warmup_epochs = 2.0 if not builtin else 0.1 * cfg.epochs
     if cfg.log_every == 0:
         cfg.log_every = 10 if cuda else 1
+    if builtin and cfg.phantom_size == 0:
+        cfg.phantom_size = phantom_size(cfg.image_size)  # saved with the run, so a resume reads the same set
     builtin_lr = builtin and cfg.base_lr is None  # an explicit --base-lr has the official rule
     if cfg.base_lr is None:
         cfg.base_lr = 0.2
@@ -279,6 +283,8 @@ def check_values(cfg: Config) -> None:
     bad += [f"{flag} {getattr(cfg, name)} (must be >= 0)" for name, flag in (("lambda_", "--lambda"),
                                                                               ("global_weight", "--global-weight"))
             if getattr(cfg, name) < 0]
+    if 0 < cfg.phantom_size < 32:
+        bad.append(f"--phantom-size {cfg.phantom_size} (must be 0 or >= 32)")
     if cfg.lambda_ == 0 and cfg.global_weight == 0:
         bad.append("--lambda 0 with --global-weight 0 (no loss left to train on)")
     if bad:
@@ -409,7 +415,7 @@ def resolve_data(cfg: Config):
     if cfg.data is None:
         # one phantom set whatever --seed says: the seed varies the run (order, augmentation,
         # initialisation), not the data, and a new seed does not build another set
-        size = phantom_size(cfg.image_size)
+        size = cfg.phantom_size or phantom_size(cfg.image_size)
         root = cache_dir() / (f"phantom-n{cfg.phantom_n}-seed{PHANTOM_SEED}" + ("" if size == 256 else f"-{size}px"))
         if is_main():
             from .data.prepare import ensure_phantom
@@ -598,6 +604,8 @@ def resume_config(given: Dict[str, Any], ckpt_path: Path, saved: Dict[str, Any])
     ignored = sorted(set(given) - set(RESUME_OVERRIDES) - {"config"})
     if ignored:
         say(f"--resume keeps the run's own settings; ignoring {', '.join(names[k] for k in ignored)}")
+    if saved.get("data") is None and "phantom_size" not in saved:
+        saved = dict(saved, phantom_size=256)  # a built-in run from before 2026-12-02: the 256 px set then
     out = dict(saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDES})
     if "out" not in given:
         folder = run_folder_of(ckpt_path)

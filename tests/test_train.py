@@ -401,6 +401,19 @@ def test_builtin_run_lr_and_phantom_set(monkeypatch, tmp_path):
     assert built[-1] == ("phantom-n2000-seed0", 0, 256)
 
 
+def test_builtin_run_resumes_on_the_phantom_set_it_started_on(tmp_path):
+    """The stored size is saved with the run; a built-in run from before it was (always the 256 px
+    set) resumes on that set, not on the one its view size would pick now."""
+    cfg = train.resolve(train.Config(device="cpu"))
+    assert cfg.phantom_size == 160
+    saved = dataclasses.asdict(cfg)
+    assert train.resume_config({}, tmp_path / "checkpoints" / "ckpt-00000010.pt", saved).phantom_size == 160
+    del saved["phantom_size"]
+    assert train.resume_config({}, tmp_path / "checkpoints" / "ckpt-00000010.pt", saved).phantom_size == 256
+    with pytest.raises(SystemExit, match=r"--phantom-size 20 \(must be 0 or >= 32\)"):
+        train.resolve(train.Config(device="cpu", phantom_size=20))
+
+
 def test_phantom_size_stays_near_the_view():
     for view in range(16, 400):
         size = train.phantom_size(view)
