@@ -9,7 +9,7 @@ collectives, so a multi-process CPU run (and its test) normalises by the global 
     running_mean/var updated with mean and var * M / (M - 1)   (as torch's BatchNorm)
 
 Gradients flow through the all-reduces (their backward all-reduces the gradient), like torch's
-SyncBatchNorm backward. Everything is computed in float64 and the output cast back to x's dtype.
+SyncBatchNorm backward. The sums are float64, the per-element work float32 (x's dtype if wider).
 In eval mode, or without a process group, it is plain batch norm.
 """
 from __future__ import annotations
@@ -46,11 +46,12 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
         if not (self.training and distributed):
             return super().forward(x)  # torch's own BatchNorm (num_batches_tracked, momentum=None)
         dims = [0] + list(range(2, x.dim()))
-        xf = x.double()  # statistics and normalisation in float64: a CPU module, and a sum of fp32
-        # values around 300 alone is off by a few 1e-3 of a spread of 0.01
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         c = x.shape[1]
-        count = torch.tensor([x.numel() / c], dtype=xf.dtype)
-        stats = _AllReduceSum.apply(torch.cat([xf.sum(dims), count]))
+        count = torch.tensor([x.numel() / c], dtype=torch.float64)
+        # sums in float64 (a float32 sum of values around 300 is off by a few 1e-3 of a spread of
+        # 0.01), the per-element work in float32
+        stats = _AllReduceSum.apply(torch.cat([xf.sum(dims, dtype=torch.float64), count]))
         m = stats[-1]
         if m.item() <= 1:
             raise ValueError(f"SyncBatchNormCPU: expected more than 1 value per channel over all processes, "
@@ -58,16 +59,19 @@ class SyncBatchNormCPU(nn.modules.batchnorm._BatchNorm):
         shape = [1, c] + [1] * (x.dim() - 2)
         mean = stats[:c] / m
         # two passes: E[x^2] - mean^2 cancels to garbage (NaN under the root) when the mean is
-        # large against the spread; the centred sum does not
-        centred = xf - mean.view(shape)
-        var = _AllReduceSum.apply(centred.square().sum(dims)) / m
+        # large against the spread; the centred sum does not. The float64 mean is split into its
+        # float32 part and the rest, so x - mean loses nothing to the mean's rounding.
+        m_hi = mean.to(xf.dtype)
+        m_lo = (mean - m_hi).to(xf.dtype)
+        centred = (xf - m_hi.view(shape)) - m_lo.view(shape)
+        var = _AllReduceSum.apply(centred.square().sum(dims, dtype=torch.float64)) / m
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
                 self.running_var.mul_(1 - momentum).add_(var.detach() * (m / (m - 1)), alpha=momentum)
-        y = centred * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var + self.eps).to(xf.dtype).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
