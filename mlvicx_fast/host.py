@@ -24,13 +24,15 @@ def reuse_freed_memory() -> bool:
     """Make glibc keep freed memory for the next tensor (no mmap per large block, no trimming).
 
     Does nothing, and returns False, off glibc, when the allocator is preloaded (jemalloc,
-    tcmalloc), when MALLOC_* tuning variables are set (the user's choice wins) or when
-    MLVICX_MALLOC=0. Returns True once applied. Affects this whole process; call it on CPU runs.
+    tcmalloc), when malloc is tuned already (MALLOC_MMAP_MAX_, MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ or glibc.malloc.* in GLIBC_TUNABLES: the user's choice
+    wins) or when MLVICX_MALLOC=0. Returns True once applied. Affects this whole process; call it on CPU runs.
     """
     global _done
     if _done:
         return True
-    if os.environ.get("MLVICX_MALLOC", "1") == "0" or any(v in os.environ for v in _ENV):
+    if os.environ.get("MLVICX_MALLOC", "1") == "0" or any(v in os.environ for v in _ENV) \
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     if "malloc" in os.environ.get("LD_PRELOAD", ""):
         return False

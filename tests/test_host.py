@@ -1,5 +1,6 @@
 """reuse_freed_memory: large CPU tensors come from the heap once it is applied, and a user's own
 allocator settings win."""
+import ctypes
 import os
 import platform
 import subprocess
@@ -8,8 +9,15 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc's malloc only")
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
+                                or not _has_mallinfo2(), reason="glibc's malloc, >= 2.33 (mallinfo2)")
 
 # mmapped blocks before and after allocating a 48 MiB tensor (mallinfo2: glibc >= 2.33), in a fresh
 # process so the settings under test are the only ones
@@ -33,7 +41,8 @@ PROBE = textwrap.dedent("""
 
 
 def probe(apply: bool, **env):
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MLVICX_MALLOC"}
+    run_env = {k: v for k, v in os.environ.items()
+               if not k.startswith("MALLOC_") and k not in ("MLVICX_MALLOC", "GLIBC_TUNABLES")}
     run_env.update(env)
     out = subprocess.run([sys.executable, "-c", PROBE, "1" if apply else "0"], env=run_env, capture_output=True,
                          text=True, check=True).stdout.split()
@@ -45,7 +54,8 @@ def test_large_tensors_come_from_the_heap_once_applied():
     assert probe(True) == (True, 0)
 
 
-@pytest.mark.parametrize("env", [{"MLVICX_MALLOC": "0"}, {"MALLOC_MMAP_THRESHOLD_": "1048576"}])
+@pytest.mark.parametrize("env", [{"MLVICX_MALLOC": "0"}, {"MALLOC_MMAP_THRESHOLD_": "1048576"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}])
 def test_opt_out_and_user_settings_are_left_alone(env):
     applied, mmapped = probe(True, **env)
     assert not applied
