@@ -405,8 +405,8 @@ def cache_dir() -> Path:
 
 def phantom_size(view: int) -> int:
     """Stored side of the built-in phantom set for `view`-pixel views: 256 (its usual size) unless
-    that is over 1.5x the view, then the view + 25 % rounded up to a multiple of 4 (160 px for the
-    CPU run's 128 px views): crops rarely shrink by more, and a smaller set builds and decodes faster."""
+    that is over 1.5x the view (the crop-resize does not antialias, so larger crops would alias),
+    then the view + 25 % rounded up to a multiple of 4 (160 px for the CPU run's 128 px views)."""
     return 256 if 1.5 * view >= 256 else 4 * math.ceil(1.25 * view / 4)
 
 

@@ -208,6 +208,17 @@ def test_loader_errors_name_the_problem(prepared, tmp_path):
             make_loader(prepared / "nih", rank=1, world_size=2)
 
 
+def test_views_far_below_the_stored_size_warn_of_aliasing(prepared):
+    with pytest.warns(UserWarning, match="images stored at 48 px for 16 px views.*does not antialias"):
+        make_loader(prepared / "nih_npy", mode="pretrain", batch_size=8, size=16)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_loader(prepared / "nih_npy", mode="pretrain", batch_size=8, size=32)  # 1.5x: no warning
+        make_loader(prepared / "nih_npy", split="test", mode="classify", batch_size=8, size=16)  # no random crops
+
+
 def test_default_decode_threads_share_the_cores_between_local_processes(monkeypatch):
     """Not torch's thread count: torchrun sets OMP_NUM_THREADS=1, which left one thread per GPU."""
     from mlvicx_fast.data.loader import default_workers

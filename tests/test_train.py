@@ -395,7 +395,7 @@ def test_builtin_run_lr_and_phantom_set(monkeypatch, tmp_path):
     monkeypatch.setenv("MLVICX_CACHE", str(tmp_path))
     for seed in (0, 5):
         train.resolve_data(train.resolve(train.Config(device="cpu", seed=seed)))
-    # stored near the CPU run's 128 px views; 224 px views keep 256
+    # stored near the CPU run's 128 px views (the crop-resize does not antialias); 224 px views keep 256
     assert built == [("phantom-n2000-seed0-160px", 0, 160)] * 2
     train.resolve_data(train.resolve(train.Config(device="cpu", image_size=224)))
     assert built[-1] == ("phantom-n2000-seed0", 0, 256)
@@ -414,7 +414,7 @@ def test_builtin_run_resumes_on_the_phantom_set_it_started_on(tmp_path):
         train.resolve(train.Config(device="cpu", phantom_size=20))
 
 
-def test_phantom_size_stays_near_the_view():
+def test_phantom_size_never_asks_for_aliasing_crops():
     for view in range(16, 400):
         size = train.phantom_size(view)
         assert size == 256 if 1.5 * view >= 256 else view <= size <= 1.5 * view, view

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -229,6 +230,11 @@ class PreparedLoader:
         self.recipe = recipe or (VICREG if mode == "pretrain" else CROP_FLIP)
         self.random_aug = mode == "pretrain" or (mode == "classify" and train)
         self.crop_cpu = crop == "cpu" and self.random_aug
+        stored = int(self.meta["size"])
+        if self.random_aug and not self.crop_cpu and stored > 1.5 * size:
+            warnings.warn(f"{data_dir}: images stored at {stored} px for {size} px views; the crop-resize (bicubic, "
+                          "4 taps, as torch's) does not antialias, so crops more than ~1.5x the view side alias. "
+                          f"Prepare with --size near {size} (the default 256 suits 224 px views)", stacklevel=3)
         n = self.meta["splits"][split]["n"]
         self.indices = None if fraction == 1.0 else fraction_indices(n, fraction, fraction_seed)
         self.n = n if self.indices is None else len(self.indices)

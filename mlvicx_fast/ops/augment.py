@@ -7,10 +7,7 @@ For each image x (H x W, uint8) and each view v in {1, 2}, with per-sample param
     crop      (y0, x0, h, w): RandomResizedCrop, area scale U(0.08, 1), log-ratio U(log 3/4, log 4/3),
               ten tries then the centre crop of clamped ratio (as torchvision)
     R         = clamp(bicubic_resize(x[y0:y0+h, x0:x0+w] / 255, size x size), 0, 1)
-              (antialiased, as PIL's BICUBIC, which the official pipeline resizes with, and torch's
-              antialias=True: Keys A = -0.5 over source pixel centres, the filter widened by the
-              downscale factor when shrinking; taps outside the crop are dropped and the rest
-              renormalised. Each output pixel reads 4 source pixels, 4 h/size when shrinking)
+              (torch's bicubic, A = -0.75, align_corners=False, edge taps clamped to the crop)
     flip      R[:, ::-1] with p 0.5
     jitter    with p 0.8, brightness b ~ U(0.6, 1.4) and contrast c ~ U(0.6, 1.4) in random order:
                 brightness  R = clamp(b R, 0, 1)
@@ -31,9 +28,8 @@ and so is the blur after it, so one 32 x 32 output tile is
 
     tile = B_y  J( clamp(W_y S W_x^T) )  B_x^T
 
-with S the window of source pixels the tile's halo reads (uint8; about 64 h/size + 4 max(h/size, 1)
-rows by 64 w/size + 4 max(w/size, 1) columns for a crop of h x w), W_y / W_x the bicubic weights
-(each row's tap sum computed once per tile for the renormalisation) of the tile's 64 rows /
+with S the window of source pixels the tile's halo reads (uint8; about 64 h/size + 5 rows by
+64 w/size + 5 columns for a crop of h x w), W_y / W_x the bicubic weights of the tile's 64 rows /
 columns including a 16-pixel halo on each side, J the pointwise jitter, and B_y / B_x (32 x 64)
 the Gaussian taps with the reflection folded in (the identity when the view is not blurred). The
 resize products run over 32 x 32 blocks of S with the weight blocks built as they are needed, so
@@ -208,7 +204,7 @@ def augment_reference(x: torch.Tensor, params: torch.Tensor, size: int, channels
         for n in range(N):
             y0, x0, h, w = (int(p[v, n, k]) for k in (P_Y0, P_X0, P_H, P_W))
             crop = x[n, y0:y0 + h, x0:x0 + w].float()[None, None] / 255.0
-            r = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+            r = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
             b, c, mu = float(p[v, n, P_B]), float(p[v, n, P_C]), float(p[v, n, P_MEAN])
             if p[v, n, P_CFIRST] > 0:
                 r = ((r - mu) * c + mu).clamp(0, 1)
@@ -238,42 +234,31 @@ if HAS_TRITON:
 
     @triton.jit
     def _cubic(t):
-        """Keys cubic convolution weight, A = -0.5 (PIL's, and torch's antialiased bicubic); 0 for |t| >= 2."""
-        a = -0.5
+        """Keys cubic convolution weight, A = -0.75 (torch's bicubic), for |t| in [0, 2)."""
+        a = -0.75
         t = tl.abs(t)
         w1 = ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0
         w2 = ((a * t - 5.0 * a) * t + 8.0 * a) * t - 4.0 * a
         return tl.where(t <= 1.0, w1, tl.where(t < 2.0, w2, 0.0))
 
     @triton.jit
-    def _resize_norms(base, clen, clen_i, size, NH: tl.constexpr):
-        """(NH,) 1 / sum of the antialiased taps of output positions base..base+NH-1 that fall
-        inside the crop (taps outside it are dropped, the rest renormalised, as torch and PIL)."""
-        scale = clen / size
-        inv = tl.minimum(1.0 / scale, 1.0)  # the filter is stretched by the downscale factor
-        support = 2.0 / inv
-        center = ((base + tl.arange(0, NH)).to(tl.float32) + 0.5) * scale  # in crop coordinates
-        first = tl.maximum(tl.floor(center - support).to(tl.int32), 0)
-        total = tl.zeros([NH], dtype=tl.float32)
-        for tap in range(0, tl.ceil(2.0 * support).to(tl.int32) + 2):
-            j = first + tap
-            wt = _cubic((j.to(tl.float32) + 0.5 - center) * inv)
-            total += tl.where(j < clen_i, wt, 0.0)
-        return 1.0 / tl.where(total != 0.0, total, 1.0)
-
-    @triton.jit
-    def _resize_weights(base, c0, clen, clen_i, size, norm, KB: tl.constexpr, k0, win0, NH: tl.constexpr):
-        """(NH, KB) antialiased bicubic weights: output positions base..base+NH-1 (outside [0, size)
-        -> zero rows) against source indices win0+k0 .. win0+k0+KB-1 of the crop [c0, c0+clen);
-        norm: their rows' 1 / tap sums (_resize_norms)."""
-        scale = clen / size
-        inv = tl.minimum(1.0 / scale, 1.0)
+    def _resize_weights(base, c0, clen, clen_i, size, KB: tl.constexpr, k0, win0, NH: tl.constexpr):
+        """(NH, KB) bicubic weights: output positions base..base+NH-1 (outside [0, size) -> zero rows)
+        against source indices win0+k0 .. win0+k0+KB-1, taps clamped to the crop [c0, c0+clen)."""
         q = base + tl.arange(0, NH)
-        center = (q.to(tl.float32) + 0.5) * scale
-        j = win0 + k0 + tl.arange(0, KB) - c0  # source index in the crop
-        w = _cubic((j[None, :].to(tl.float32) + 0.5 - center[:, None]) * inv) * norm[:, None]
-        valid = ((q >= 0) & (q < size))[:, None] & ((j >= 0) & (j < clen_i))[None, :]
-        return tl.where(valid, w, 0.0)
+        u = c0 + (q.to(tl.float32) + 0.5) * (clen / size) - 0.5
+        i0 = tl.floor(u)
+        t = u - i0
+        src = win0 + k0 + tl.arange(0, KB)
+        lo = c0
+        hi = c0 + clen_i - 1
+        w = tl.zeros([NH, KB], dtype=tl.float32)
+        for tap in tl.static_range(4):
+            idx = tl.minimum(tl.maximum(i0.to(tl.int32) + (tap - 1), lo), hi)
+            wt = _cubic(t - (tap - 1))
+            w += tl.where(idx[:, None] == src[None, :], wt[:, None], 0.0)
+        valid = (q >= 0) & (q < size)
+        return tl.where(valid[:, None], w, 0.0)
 
     @triton.jit
     def _blur_matrix(out0, base, sigma, size, TILE_: tl.constexpr, NH: tl.constexpr, RADIUS: tl.constexpr):
@@ -330,23 +315,18 @@ if HAS_TRITON:
         pad = (NH - TILE_) // 2
         by = ty * TILE_ - pad
         bx = tx * TILE_ - pad
-        # first source row/col the halo needs (the first tap of its first in-range position: the
-        # filter reaches 2 source pixels, times the downscale factor when shrinking)
+        # first source row/col the halo needs (bicubic tap -1 of its first in-range position)
         qy = tl.maximum(by, 0)
         qx = tl.maximum(bx, 0)
-        sup_y = 2.0 * tl.maximum(ch / size, 1.0)
-        sup_x = 2.0 * tl.maximum(cw / size, 1.0)
-        wy0 = tl.floor(y0 + (qy + 0.5) * (ch / size) - sup_y).to(tl.int32)
-        wx0 = tl.floor(x0 + (qx + 0.5) * (cw / size) - sup_x).to(tl.int32)
+        wy0 = tl.floor(y0 + (qy + 0.5) * (ch / size) - 0.5).to(tl.int32) - 1
+        wx0 = tl.floor(x0 + (qx + 0.5) * (cw / size) - 0.5).to(tl.int32) - 1
         wy0 = tl.minimum(tl.maximum(wy0, y0), y0 + chi - 1)
         wx0 = tl.minimum(tl.maximum(wx0, x0), x0 + cwi - 1)
-        ny = _resize_norms(by, ch, chi, size, NH)
-        nx = _resize_norms(bx, cw, cwi, size, NH)
         # R = clamp(W_y S W_x^T) over this sample's source window: blocks of KB source rows x KC
         # source columns, the weight blocks built as needed (a whole window-wide W_x held in
         # registers spilled on sm_90: 255 registers and a 1.5 KB stack for a 128-pixel window)
-        need_y = tl.ceil(NH * ch / size + 2.0 * sup_y).to(tl.int32) + 2
-        need_x = tl.ceil(NH * cw / size + 2.0 * sup_x).to(tl.int32) + 2
+        need_y = tl.ceil(NH * ch / size).to(tl.int32) + 6
+        need_x = tl.ceil(NH * cw / size).to(tl.int32) + 6
         r = tl.zeros([NH, NH], dtype=tl.float32)
         xbase = x_ptr + n.to(tl.int64) * sxn
         for k0 in range(0, need_y, KB):
@@ -357,9 +337,9 @@ if HAS_TRITON:
                 cols = wx0 + j0 + tl.arange(0, KC)
                 m = rmask[:, None] & (cols < x0 + cwi)[None, :]
                 s = tl.load(xbase + rows[:, None] * sxh + cols[None, :] * sxw, mask=m, other=0).to(tl.float32)
-                wx = _resize_weights(bx, x0, cw, cwi, size, nx, KC, j0, wx0, NH)  # (NH, KC)
+                wx = _resize_weights(bx, x0, cw, cwi, size, KC, j0, wx0, NH)  # (NH, KC)
                 t = tl.dot(s, tl.trans(wx), t, input_precision=PREC)  # (KB, NH)
-            wy = _resize_weights(by, y0, ch, chi, size, ny, KB, k0, wy0, NH)  # (NH, KB)
+            wy = _resize_weights(by, y0, ch, chi, size, KB, k0, wy0, NH)  # (NH, KB)
             r = tl.dot(wy, t, r, input_precision=PREC)
         r = tl.minimum(tl.maximum(r * (1.0 / 255.0), 0.0), 1.0)
         # jitter (pointwise)
