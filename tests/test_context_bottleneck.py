@@ -209,8 +209,10 @@ def test_gpu_plan_matches_reference(gpu_plan, shape, channels_last):
     x, w1, w2, ws = make_inputs(shape, torch.float32, channels_last)
     out, out_ref, grads, grads_ref, grads_f32 = run_both(x, w1, w2, ws)
     assert rel_err(out, out_ref) < 2e-5
-    for name, g, g_ref in zip(("x", "mlp.0", "mlp.2", "spatial"), grads, grads_ref):
-        assert rel_err(g, g_ref) < 2e-5, name
+    assert rel_err(grads[0], grads_ref[0]) < 2e-5, "x"
+    # the weight gradients by the file's yardstick: 2 x 3 x 1 x 1 (seed 727743010) cancels so far
+    # that float32 torch itself misses by 6.3e-5 (mlp.0) and 4.9e-5 (mlp.2), the fused op by the same
+    assert not weight_grad_misses(grads, grads_ref, grads_f32, 2e-5)
 
 
 def test_gpu_plan_splits_pixels():
