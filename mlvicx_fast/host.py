@@ -26,7 +26,8 @@ def reuse_freed_memory() -> bool:
     Does nothing, and returns False, off glibc, when the allocator is preloaded (jemalloc,
     tcmalloc), when malloc is tuned already (MALLOC_MMAP_MAX_, MALLOC_MMAP_THRESHOLD_,
     MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ or glibc.malloc.* in GLIBC_TUNABLES: the user's choice
-    wins) or when MLVICX_MALLOC=0. Returns True once applied. Affects this whole process; call it on CPU runs.
+    wins) or when MLVICX_MALLOC=0. Returns True once applied. Affects this whole process; call it
+    on CPU runs.
     """
     global _done
     if _done:
