@@ -1613,8 +1613,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _require_eval_packages()
-        cpu = pick_device(getattr(args, "device", "auto")).type == "cpu"
-        if args.command in ("cls", "seg", "demo", "heatmap") and cpu:
+        if args.command in ("cls", "seg", "demo", "heatmap") and \
+                pick_device(getattr(args, "device", "auto")).type == "cpu":
             from .host import reuse_freed_memory
 
             reuse_freed_memory()  # ~20 % off a CPU training step (see mlvicx_fast/host.py)
