@@ -1,4 +1,6 @@
 """Exact pool-first aggregation against the official resize-project-sum-pool form."""
+import importlib
+
 import pytest
 import torch
 
@@ -81,6 +83,26 @@ def test_training_after_a_first_call_under_inference_mode():
         agg(maps)
     agg([m.requires_grad_() for m in maps]).square().sum().backward()
     assert all(m.grad is not None for m in maps)
+
+
+def test_matrix_cache_keeps_the_most_recently_used(monkeypatch):
+    """Many input sizes must not grow the pooling-matrix cache for good: it keeps the
+    MATRIX_CACHE_SIZE most recently used, and a hit renews its entry."""
+    agg_op = importlib.import_module("mlvicx_fast.ops.aggregate")  # ops.aggregate is also a function
+
+    monkeypatch.setattr(agg_op, "MATRIX_CACHE_SIZE", 3)
+    monkeypatch.setattr(agg_op, "_MATRICES", type(agg_op._MATRICES)())
+    first = agg_op.pooling_matrix(5, 6)
+    for h in (7, 8):
+        agg_op.pooling_matrix(h, 6)
+    assert agg_op.pooling_matrix(5, 6) is first  # a hit, now the most recent entry
+    agg_op.pooling_matrix(9, 6)  # evicts (7, 6), the least recently used
+    sizes = [key[:2] for key in agg_op._MATRICES]
+    assert sizes == [(8, 6), (5, 6), (9, 6)]
+    assert agg_op.pooling_matrix(5, 6) is first
+    rebuilt = agg_op.pooling_matrix(7, 6)
+    torch.testing.assert_close(rebuilt, agg_op.pooling_matrix(7, 6))
+    assert len(agg_op._MATRICES) == 3
 
 
 def test_bad_inputs():

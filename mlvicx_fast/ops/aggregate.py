@@ -14,8 +14,9 @@ linear and act on different axes, and every row of the resize and of the pooling
 where K_h (Q x H_p) and K_w (Q x W_p) are the 1-D "linear resize to R, then adaptive average
 pool to Q" matrices (bilinear resizing is separable into the two 1-D linear resizes). Here
 ``K = kron(K_h, K_w)`` (Q*Q x H_p*W_p) is built exactly, by applying F.interpolate and
-F.adaptive_avg_pool1d to an identity in float64, and cached per (size, R, Q, device, dtype)
-(built in the graph under torch.compile, see ``pooling_matrix``).
+F.adaptive_avg_pool1d to an identity in float64, and cached per (size, R, Q, device, dtype), the
+``MATRIX_CACHE_SIZE`` most recently used kept (built in the graph under torch.compile, see
+``pooling_matrix``).
 Each map is reduced by one matrix product that reads it once (``K @ y`` over the pixels, in
 either layout), the T pooled maps are concatenated over channels and projected by one product
 with the concatenated weights; no R x R map exists, forward or backward.
@@ -29,12 +30,16 @@ was not written (no GPU measurement showed a need). ``aggregate_official`` is th
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-_MATRICES: Dict[Tuple, torch.Tensor] = {}
+# a network meets five tap sizes per input size; evaluation at many input sizes (or many devices)
+# must not grow the cache for good, so the least recently used matrix goes first
+MATRIX_CACHE_SIZE = 64
+_MATRICES: "OrderedDict[Tuple, torch.Tensor]" = OrderedDict()
 
 
 def resize_pool_matrix(size: int, resize: int = 64, pool: int = 4,
@@ -70,6 +75,10 @@ def pooling_matrix(height: int, width: int, resize: int = 64, pool: int = 4,
         # then refuses to save for any later training step
         with torch.inference_mode(False):
             mat = _MATRICES[key] = build()
+        while len(_MATRICES) > MATRIX_CACHE_SIZE:
+            _MATRICES.popitem(last=False)
+    else:
+        _MATRICES.move_to_end(key)
     return mat
 
 
