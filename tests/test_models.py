@@ -96,6 +96,25 @@ def test_resnet18_loads_torchvision_checkpoint_into_3_and_1_channel_stems():
     torch.testing.assert_close(model.encoder().conv1.weight, grey.conv1.weight)
 
 
+def test_resnet18_loads_checkpoints_of_wrapped_models():
+    """A state_dict saved from DataParallel/DDP ('module.') or torch.compile ('_orig_mod.'), or
+    both, loads strictly; a prefix only some keys carry is left for strict loading to report."""
+    sd = random_checkpoint()
+    for wrap in ("module.", "_orig_mod.", "_orig_mod.module."):
+        net = ResNet18(in_chans=1)
+        net.load_state_dict({wrap + k: v for k, v in sd.items()})  # strict, fc.* dropped, stem converted
+        assert torch.equal(net.layer4[1].bn2.running_mean, sd["layer4.1.bn2.running_mean"])
+        assert net.conv1.weight.shape == (64, 1, 7, 7)
+    holder = torch.nn.Module()
+    holder.backbone = ResNet18()
+    holder.load_state_dict({"backbone.module." + k: v for k, v in sd.items() if not k.startswith("fc.")})
+    assert torch.equal(holder.backbone.conv1.weight, sd["conv1.weight"])
+    mixed = dict(sd)
+    mixed["module.conv1.weight"] = mixed.pop("conv1.weight")
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*conv1\.weight"):
+        ResNet18().load_state_dict(mixed)
+
+
 def test_presets_and_state_dict_names():
     official, paper = MLVICX("official", backend="torch"), MLVICX("paper", backend="torch")
     assert official.dim == 4096 and official.final_bn

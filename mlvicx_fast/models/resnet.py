@@ -16,8 +16,10 @@ convolutions, BN weight 1 and bias 0.
 
 Loading: a ``conv1.weight`` with the other channel count is converted by :func:`convert_stem`
 (a 3-channel checkpoint into a 1-channel stem, or back), and ``fc.*`` entries are dropped when the
-model has no fc. Both happen in ``load_state_dict`` (also when this ResNet is a submodule), so
-``strict=True`` loads a torchvision or timm checkpoint as it is.
+model has no fc. A ``module.`` (DataParallel, DDP) or ``_orig_mod.`` (torch.compile) prefix shared by
+every key is dropped. All of this happens in ``load_state_dict`` (also when this ResNet is a
+submodule), so ``strict=True`` loads a torchvision or timm checkpoint, or one saved from a wrapped
+model, as it is.
 """
 from __future__ import annotations
 
@@ -31,6 +33,21 @@ from torch import nn
 from ..ops.augment import IMAGENET_MEAN, IMAGENET_STD
 
 STAGE_CHANNELS = (64, 64, 128, 256, 512)  # stem, layer1, layer2, layer3, layer4
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+
+
+def strip_wrappers(state_dict, prefix: str = "") -> None:
+    """Rename, in place, the keys under ``prefix`` when every one of them starts with
+    ``prefix + w`` for a wrapper prefix w (repeatedly: a compiled DDP model has both)."""
+    while True:
+        keys = [k for k in state_dict if k.startswith(prefix)]
+        wrapper = next((w for w in WRAPPER_PREFIXES if keys and all(k.startswith(prefix + w) for k in keys)), None)
+        if wrapper is None:
+            return
+        for k in keys:
+            state_dict[prefix + k[len(prefix + wrapper):]] = state_dict.pop(k)
 
 
 def convert_stem(state_dict, prefix: str, in_chans: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -160,6 +177,7 @@ class ResNet18(nn.Module):
         return features if self.fc is None else self.fc(features)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        strip_wrappers(state_dict, prefix)
         converted = convert_stem(state_dict, prefix, self.in_chans)
         if converted is not state_dict:  # load_state_dict hands each module the one shared dict
             state_dict.update(converted)
