@@ -1,5 +1,6 @@
 """The phantom set: deterministic by seed, labels that change the picture, NIH layout and SIIM masks."""
 import csv
+import shutil
 
 import numpy as np
 import pytest
@@ -98,3 +99,41 @@ def test_ensure_phantom_prepares_once(tmp_path):
     assert (out / "nih" / "train_images.npy").stat().st_mtime_ns == stamp  # not written again
     x, y = next(iter(make_loader(out / "nih", mode="classify", split="test", batch_size=4, size=24)))
     assert x.shape == (4, 3, 24, 24) and y.shape == (4, 14)
+
+
+def test_ensure_phantom_waits_for_a_build_in_progress(tmp_path, capsys):
+    """A second caller while another holds the build lock waits, says so, and then finds the set
+    the first one stamped (here the holder builds it), instead of writing the same files at once."""
+    import threading
+
+    from mlvicx_fast.data import ensure_phantom
+    from mlvicx_fast.data.prepare import exclusive_lock
+
+    out = tmp_path / "ph"
+    done = []
+    with exclusive_lock(out / ".build.lock"):
+        waiter = threading.Thread(target=lambda: done.append(ensure_phantom(out, n=40, seed=2, size=32, fmt="npy",
+                                                                            workers=1)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not (out / "phantom.json").exists()  # it waits for the lock
+        ensure_phantom(tmp_path / "elsewhere", n=40, seed=2, size=32, fmt="npy", workers=1)  # other folders do not wait
+        for name in ("raw", "nih", "siim"):
+            shutil.copytree(tmp_path / "elsewhere" / name, out / name)
+        shutil.copy(tmp_path / "elsewhere" / "phantom.json", out / "phantom.json")
+        built = (out / "nih" / "train_images.npy").stat().st_mtime_ns
+    waiter.join(timeout=60)
+    assert done == [out]
+    assert (out / "nih" / "train_images.npy").stat().st_mtime_ns == built  # found ready, not rebuilt
+    assert "waiting for another process that is building the phantom set" in capsys.readouterr().err
+
+
+def test_ensure_phantom_rebuilds_after_an_interrupted_build(tmp_path):
+    """A build that stopped half-way (files written, no stamp; or a stamp cut short) is built again."""
+    from mlvicx_fast.data import ensure_phantom
+
+    out = ensure_phantom(tmp_path / "ph", n=40, seed=2, size=32, fmt="npy", workers=1)
+    (out / "phantom.json").write_text('{"n": 40, "se')  # torn
+    (out / "nih" / "train_images.npy").write_bytes(b"half")
+    ensure_phantom(out, n=40, seed=2, size=32, fmt="npy", workers=1)
+    assert np.load(out / "nih" / "train_images.npy").shape[1:] == (32, 32)

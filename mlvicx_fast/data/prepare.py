@@ -18,6 +18,7 @@ size, format, split sizes and per-class positive counts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import json
@@ -304,19 +305,65 @@ def print_summary(s: Dict, out) -> None:
         print(f"  warning: more images were skipped ({n_skip}) than kept ({kept})", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path, waiting: str = ""):
+    """Hold an exclusive advisory lock (flock) on `path` (created if missing) for the block; when
+    another process holds it, print `waiting` (if given) to stderr and wait for it. No-op where
+    fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_phantom(out="data/phantom", n: int = 2000, seed: int = 0, size: int = 256, fmt: Optional[str] = None,
                    workers: Optional[int] = None, quiet: bool = True) -> Path:
     """The built-in default data set: OUT/nih (classification) and OUT/siim (segmentation) from the
     phantom generator, prepared unless OUT/phantom.json shows the same n, seed, size and format.
     .beton formats are written by a subprocess (FFCV's writer forks; it must not run beside loader
-    threads of this process). Returns OUT."""
+    threads of this process). Returns OUT.
+
+    Processes that ask for the same OUT at once (two runs started together on a fresh machine)
+    take turns through a lock file, OUT/.build.lock: one builds, the others wait and then find the
+    set ready, so no run reads files another is still writing."""
     out = Path(out)
     fmt = fmt or ("jpg" if ffcv_available() else "npy")
     want = {"n": n, "seed": seed, "size": size, "format": fmt}
     stamp = out / "phantom.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == want and (out / "nih" / "meta.json").is_file() \
-            and (out / "siim" / "meta.json").is_file():
+
+    def ready() -> bool:
+        try:
+            return json.loads(stamp.read_text()) == want and (out / "nih" / "meta.json").is_file() \
+                and (out / "siim" / "meta.json").is_file()
+        except (OSError, ValueError):
+            return False
+
+    if ready():
         return out
+    with exclusive_lock(out / ".build.lock", f"waiting for another process that is building the phantom set in {out}"):
+        if not ready():
+            stamp.unlink(missing_ok=True)  # a build from here on is not the stamped one
+            _build_phantom(out, n, seed, size, fmt, workers, quiet)
+            tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.part")
+            tmp.write_text(json.dumps(want))
+            os.replace(tmp, stamp)
+    return out
+
+
+def _build_phantom(out: Path, n: int, seed: int, size: int, fmt: str, workers: Optional[int], quiet: bool) -> None:
     if fmt == "npy":
         from .phantom import write_phantom
         write_phantom(out / "raw", n=n, seed=seed, size=size, workers=workers)
@@ -332,8 +379,6 @@ def ensure_phantom(out="data/phantom", n: int = 2000, seed: int = 0, size: int =
         r = subprocess.run(cmd, capture_output=quiet, text=True, env=env)
         if r.returncode != 0:
             raise RuntimeError(f"preparing the phantom set failed ({' '.join(cmd)}):\n{r.stderr if quiet else ''}")
-    stamp.write_text(json.dumps(want))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
