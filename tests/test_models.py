@@ -63,6 +63,10 @@ def test_resnet18_layout_and_parameter_count():
     with_fc = ResNet18(num_classes=1000)
     assert sum(p.numel() for p in with_fc.parameters()) == 11_689_512
     assert list(with_fc.state_dict()) == list(torchvision_resnet18_shapes())
+    # avgpool is torchvision's AdaptiveAvgPool2d(1) in value (a mean, for a deterministic CUDA backward)
+    for shape in ((2, 512, 7, 7), (3, 5, 1, 4)):
+        x = torch.randn(*shape, dtype=torch.float64)
+        torch.testing.assert_close(net.avgpool(x), torch.nn.functional.adaptive_avg_pool2d(x, 1), rtol=1e-14, atol=1e-14)
 
 
 def test_resnet18_loads_torchvision_checkpoint_into_3_and_1_channel_stems():

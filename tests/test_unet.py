@@ -39,3 +39,23 @@ def test_frozen_encoder_does_not_change():
 def test_unet_needs_an_encoder_with_taps():
     with pytest.raises(TypeError, match="forward_taps"):
         UNet(torch.nn.Conv2d(3, 3, 1))
+
+
+@pytest.mark.parametrize("shape,size", [((2, 5, 7, 7), (14, 14)), ((3, 4, 4, 9), (13, 8)), ((1, 2, 1, 6), (3, 12))])
+def test_resize_by_matrices_is_bilinear(shape, size):
+    """The matrix form the U-Net uses under deterministic algorithms on CUDA equals bilinear
+    F.interpolate (align_corners=False), values and gradients, also for channels_last and shrinking."""
+    from mlvicx_fast.models.unet import resize_bilinear
+
+    y = torch.randn(*shape, dtype=torch.float64)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        a = y.clone(memory_format=layout).requires_grad_()
+        b = y.clone().requires_grad_()
+        out_a, out_b = resize_bilinear(a, size, by_matrices=True), torch.nn.functional.interpolate(
+            b, size=size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(out_b)
+        out_a.backward(g)
+        out_b.backward(g)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+

@@ -7,7 +7,7 @@ Layout (He et al. 2016, torchvision ``resnet18``)::
     layer2: 2 BasicBlocks 128, first with stride 2            -> 128 x H/8
     layer3: 2 BasicBlocks 256, stride 2                       -> 256 x H/16
     layer4: 2 BasicBlocks 512, stride 2                       -> 512 x H/32
-    avgpool 1x1, flatten, optional fc 512 -> num_classes
+    avgpool 1x1 (a mean over the pixels), flatten, optional fc 512 -> num_classes
 
 BasicBlock: conv1 3x3 (stride), bn1, relu, conv2 3x3, bn2, + identity (``downsample.0`` 1x1
 conv with stride, ``downsample.1`` BN, when the shape changes), relu. Without fc the model holds
@@ -36,6 +36,15 @@ STAGE_CHANNELS = (64, 64, 128, 256, 512)  # stem, layer1, layer2, layer3, layer4
 
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+
+
+class GlobalAvgPool(nn.Module):
+    """(N, C, H, W) -> (N, C, 1, 1) mean over the pixels: nn.AdaptiveAvgPool2d(1)'s value, written
+    as a mean because AdaptiveAvgPool2d's CUDA backward has no deterministic version (torch warns
+    under deterministic algorithms), while a mean's backward is a broadcast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
 
 
 def strip_wrappers(state_dict, prefix: str = "") -> None:
@@ -125,7 +134,7 @@ class ResNet18(nn.Module):
         self.layer2 = self._layer(64, 128, 2)
         self.layer3 = self._layer(128, 256, 2)
         self.layer4 = self._layer(256, 512, 2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.fc = nn.Linear(512, num_classes) if num_classes else None
         self.num_features = 512
         for m in self.modules():

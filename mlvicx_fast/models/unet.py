@@ -13,6 +13,11 @@ H/2, H/4, H/8, H/16, H/32. Decoder (randomly initialised), from the deepest map 
 
 up = bilinear resize to the skip map's size (any H, W works; sizes divisible by 32 keep every
 level aligned), ++ = channel concatenation, Block = (Conv3x3, BN, ReLU) twice.
+Bilinear resizing is separable: up(y) = K_h y K_w^T with the 1-D linear-interpolation matrices
+K_h (H' x H) and K_w (W' x W). CUDA's bilinear backward adds with atomics (its order, and so its
+last bits, vary from run to run, and torch has no deterministic version), so with deterministic
+algorithms on (``--deterministic``) a CUDA model resizes by these two matrix products instead:
+the same values up to rounding, and a backward that repeats exactly.
 ``freeze_encoder()`` is the frozen protocol: encoder parameters do not train and its BN layers
 stay in eval mode (running statistics are kept), also after ``train()``.
 """
@@ -26,7 +31,26 @@ from torch import nn
 
 from .resnet import STAGE_CHANNELS
 
-__all__ = ["UNet", "DecoderBlock"]
+__all__ = ["UNet", "DecoderBlock", "resize_bilinear"]
+
+
+def _interp_matrix(size_in: int, size_out: int, device, dtype) -> torch.Tensor:
+    """(size_out, size_in) matrix of 1-D linear resizing (align_corners=False), built by resizing
+    the unit signals, so it is the interpolation F.interpolate computes."""
+    eye = torch.eye(size_in, device=device, dtype=torch.float64).unsqueeze(1)
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False).squeeze(1).t().to(dtype)
+
+
+def resize_bilinear(y: torch.Tensor, size, by_matrices=None) -> torch.Tensor:
+    """F.interpolate(y, size, mode='bilinear', align_corners=False), or the same as K_h y K_w^T
+    (by_matrices: None = when deterministic algorithms are on and y is on CUDA, see above)."""
+    if by_matrices is None:
+        by_matrices = y.is_cuda and torch.are_deterministic_algorithms_enabled()
+    if not by_matrices:
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+    k_h = _interp_matrix(y.shape[-2], size[0], y.device, y.dtype)  # autocast casts both factors alike
+    k_w = _interp_matrix(y.shape[-1], size[1], y.device, y.dtype)
+    return torch.matmul(torch.matmul(k_h, y), k_w.t())
 
 
 class DecoderBlock(nn.Sequential):
@@ -76,7 +100,7 @@ class UNet(nn.Module):
         taps = self.encoder.forward_taps(x)
         y = taps[4]
         for block, skip in zip(self.decoder[:4], (taps[3], taps[2], taps[1], taps[0])):
-            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = resize_bilinear(y, skip.shape[-2:])
             y = block(torch.cat([y, skip], dim=1))
-        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        y = resize_bilinear(y, x.shape[-2:])
         return self.head(self.decoder[4](y))
