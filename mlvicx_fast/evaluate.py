@@ -258,7 +258,7 @@ def encoder_in_chans(encoder: nn.Module) -> int:
 
 def pooled_features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(N, 512): the last stage map, globally average-pooled (what ResNet18.forward gives)."""
-    return torch.flatten(F.adaptive_avg_pool2d(encoder.forward_taps(x)[-1], 1), 1)
+    return encoder.forward_taps(x)[-1].mean(dim=(2, 3))  # a mean: deterministic backward on CUDA too
 
 
 class Classifier(nn.Module):
@@ -542,7 +542,7 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
     g = torch.Generator().manual_seed(seed)
     stopper = EarlyStopping(patience)
     yt = torch.from_numpy(np.asarray(train_y, dtype=np.float32))
-    best_state, history = None, []
+    best_state, history, criterion = None, [], None
     n = len(yt)
     bar = progress_bar(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
@@ -567,6 +567,7 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
             val_loss = float(F.binary_cross_entropy_with_logits(torch.from_numpy(logits).double(),
                                                                torch.from_numpy(np.asarray(val_y, dtype=np.float64))))
             score = val["mean"] if val["mean"] is not None else -val_loss  # no defined class: lower loss is better
+            criterion = "mean_auc" if val["mean"] is not None else "-val_loss"
         else:  # diverged (NaN outputs): never the best epoch
             val, val_loss, score = {"mean": None}, None, None
         if stopper.step(score):
@@ -580,12 +581,15 @@ def train_classifier(model: nn.Module, train_x, train_y: np.ndarray, val_x, val_
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    return {"history": history, "best_epoch": stopper.best_epoch, "best_val": stopper.best, "epochs_run": len(history)}
+    # best_val is a mean AUC, or minus the validation loss when no validation class has both labels
+    return {"history": history, "best_epoch": stopper.best_epoch, "best_val": stopper.best,
+            "best_val_criterion": criterion, "epochs_run": len(history)}
 
 
 def _method_name(spec: str) -> Tuple[str, str]:
     """'NAME=PATH' -> (NAME, PATH); 'random' -> ('Random init', 'random'); 'PATH' -> (a name from PATH, PATH)."""
-    if "=" in spec and not Path(spec).exists():
+    # NAME=PATH unless the spec is itself a path (a name has no '/': 'runs/a=b' is one path)
+    if "=" in spec and not Path(spec).exists() and "/" not in spec.split("=", 1)[0]:
         name, source = spec.split("=", 1)
         if not name or not source:
             raise EvaluationError(f"--ckpt {spec!r}: expected NAME=PATH, PATH or 'random'")
@@ -637,15 +641,36 @@ def _versions() -> Dict[str, str]:
 
 
 
-def _check_protocols_and_epochs(protocols, epochs: int, patience: int) -> None:
+def _check_protocols_and_epochs(protocols, epochs: int, patience: int, seeds: Sequence[int] = ()) -> None:
     """Before any work (features are extracted before the first epoch)."""
     for p in protocols:
         if p not in PROTOCOLS:
             raise EvaluationError(f"unknown protocol {p!r}; expected one of {PROTOCOLS}")
+    # a protocol or seed named twice would record its runs twice: the table would average copies
+    # (a spread of 0 over "two seeds") and compare would pair one of them
+    if len(set(protocols)) != len(protocols):
+        raise EvaluationError(f"--protocol: {' '.join(protocols)} names a protocol twice")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
+            raise EvaluationError(f"--seeds: a seed must be an integer >= 0, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise EvaluationError(f"--seeds: {' '.join(map(str, seeds))} names a seed twice (its runs would "
+                              "count as two in the table and one in compare)")
     if epochs < 1:
         raise EvaluationError(f"epochs must be >= 1, got {epochs}")
     if patience < 1:
         raise EvaluationError(f"patience must be >= 1 epoch, got {patience}")
+
+def _check_subset_sizes(n_train: int, fractions: Sequence[float], what: str) -> None:
+    """A run that trains BatchNorm (fine-tuning, the U-Net) needs label subsets of at least two
+    images: one image cannot be a training batch (BatchNorm's statistics need two values)."""
+    for f in fractions:
+        k = len(label_subset(n_train, f, 0))  # the size does not depend on the seed
+        if k < 2:
+            raise EvaluationError(f"--fractions {f:g} keeps {k} of the {n_train} training images; {what} needs at "
+                                  "least 2 (BatchNorm trains on batches of 2 or more): name larger fractions with "
+                                  "--fractions")
+
 
 def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fractions: Sequence[float] = CLS_FRACTIONS,
             seeds: Sequence[int] = (0, 1, 2), *, with_context: bool = False, in_chans: Optional[int] = None,
@@ -665,7 +690,7 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
     if prepared.task not in ("multilabel", "binary"):
         raise EvaluationError(f"{prepared.folder} holds a {prepared.task!r} dataset ({prepared.dataset}); "
                               "evaluate cls needs NIH, VinBig or RSNA (use evaluate seg for SIIM)")
-    _check_protocols_and_epochs(protocols, epochs, patience)
+    _check_protocols_and_epochs(protocols, epochs, patience, seeds)
     pairs = _normalise_methods(methods)
     fractions = [float(f) for f in fractions]
     for f in fractions:
@@ -680,6 +705,8 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
             "it, so the score is biased upwards")
     test = prepared.split(test_split)
     n_train = len(train["labels"])
+    if "finetune" in protocols:
+        _check_subset_sizes(n_train, fractions, "fine-tuning")
     subsets = {(f, s): label_subset(n_train, f, s) for f in fractions for s in seeds}
     size = image_size
     config = {"data": str(prepared.folder), "prepared": prepared.identity(), "dataset": prepared.dataset,
@@ -772,7 +799,8 @@ def run_cls(data: PathLike, methods, protocols: Sequence[str] = ("frozen",), fra
                            "metric": results["metric"],
                            "score": scores["accuracy"] if binary else scores["mean_auc"], **scores,
                            "eval_split": test_split, "best_epoch": hist["best_epoch"], "epochs_run": hist["epochs_run"],
-                           "val_best": hist["best_val"], "history": hist["history"],
+                           "val_best": hist["best_val"], "val_criterion": hist["best_val_criterion"],
+                           "history": hist["history"],
                            # the features' time shared out over the runs that use them
                            "seconds": round(time.perf_counter() - t0
                                             + cache.get("seconds", 0.0) / max(1, len(subsets)), 2)}
@@ -913,7 +941,7 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
     if prepared.task != "segmentation":
         raise EvaluationError(f"{prepared.folder} holds a {prepared.task!r} dataset ({prepared.dataset}); "
                               "evaluate seg needs prepared SIIM-ACR masks")
-    _check_protocols_and_epochs(protocols, epochs, patience)
+    _check_protocols_and_epochs(protocols, epochs, patience, seeds)
     if image_size is not None and image_size % 32:
         raise EvaluationError(f"--image-size must be a multiple of 32 for the U-Net, got {image_size}")
     pairs = _normalise_methods(methods)
@@ -929,6 +957,7 @@ def run_seg(data: PathLike, methods, protocols: Sequence[str] = ("frozen", "fine
     test = prepared.split("test") if has_test else val
     size = image_size
     n_train = len(train["labels"])
+    _check_subset_sizes(n_train, fractions, "the U-Net")
     config = {"data": str(prepared.folder), "prepared": prepared.identity(), "dataset": prepared.dataset,
               "task": "segmentation", "protocols": list(protocols), "fractions": fractions, "seeds": list(seeds),
               "with_context": with_context,
@@ -1175,7 +1204,13 @@ def setting_differences(a: Dict, b: Dict, a_name: str, b_name: str) -> List[str]
         if ca.get(k) != cb.get(k):
             raise EvaluationError(f"{a_name} and {b_name} were evaluated on different data ({k}: {ca.get(k)} vs "
                                   f"{cb.get(k)}), so their runs do not pair")
-    return [f"{k}: {ca.get(k)} in {a_name}, {cb.get(k)} in {b_name}" for k in SAME_RECIPE if ca.get(k) != cb.get(k)]
+    notes = [f"{k}: {ca.get(k)} in {a_name}, {cb.get(k)} in {b_name}" for k in SAME_RECIPE
+             if k != "settings" and ca.get(k) != cb.get(k)]
+    # settings hold each protocol's batch and lr: only the protocols both ran can differ (a frozen-only
+    # result beside a frozen + finetune one is the same recipe when their frozen settings agree)
+    sa, sb = ca.get("settings") or {}, cb.get("settings") or {}
+    notes += [f"settings of {p}: {sa[p]} in {a_name}, {sb[p]} in {b_name}" for p in sa if p in sb and sa[p] != sb[p]]
+    return notes
 
 
 def merge_results(results: Sequence[Dict], names: Sequence[str] = ()) -> Dict:
@@ -1291,7 +1326,7 @@ def grad_cam(model: Classifier, x: torch.Tensor, classes: Sequence[int]) -> Tupl
     model.eval()
     with torch.enable_grad():
         a = model.last_map(x)
-        logits = model.fc(torch.flatten(F.adaptive_avg_pool2d(a, 1), 1))[0]
+        logits = model.fc(a.mean(dim=(2, 3)))[0]
         cams = []
         for k in classes:
             (grad,) = torch.autograd.grad(logits[k], a, retain_graph=True)
@@ -1346,8 +1381,14 @@ def run_heatmap(model_path: PathLike, out: PathLike, images: Sequence[PathLike] 
         p = Path(p).expanduser()
         if not p.is_file():
             raise FileNotFoundError(f"image {str(p)!r} does not exist")
+        # images of one name from different folders (a/x.png, b/x.png) get x, x-2, ...: each its own
+        # folder and entry, not the last one written over the others
+        stem, k = p.stem, 1
+        while _slug(stem) in {_slug(t) for t, _ in items}:
+            k += 1
+            stem = f"{p.stem}-{k}"
         try:
-            items.append((p.stem, fit_square(read_image(p), size)))
+            items.append((stem, fit_square(read_image(p), size)))
         except Exception as e:  # noqa: BLE001 - unreadable image: name it
             raise EvaluationError(f"could not read image {str(p)!r}: {e}") from None
     truth: Dict[str, Dict[str, int]] = {}
@@ -1583,8 +1624,9 @@ example:
 
 
 def run_demo(out: PathLike, seeds: Sequence[int] = (0, 1, 2), ablations: bool = False,
-             pretrained: Optional[PathLike] = None, progress: bool = True) -> Tuple[Dict, float]:
-    """The built-in demonstration (see DEMO_DOC); returns (results, MLVICX - random mean AUC)."""
+             pretrained: Optional[PathLike] = None, progress: bool = True) -> Tuple[Dict, Optional[float]]:
+    """The built-in demonstration (see DEMO_DOC); returns (results, MLVICX - random mean AUC), the
+    gain None when either has no mean AUC (all its probes diverged or had no defined class)."""
     from . import train
 
     out = Path(out)
@@ -1605,8 +1647,10 @@ def run_demo(out: PathLike, seeds: Sequence[int] = (0, 1, 2), ablations: bool = 
     results = linear_probe(data, {**runs, "Random init": "random"}, fraction=10.0, seeds=seeds,
                            image_size=cfg.image_size, out=out / "probe", progress=progress)
     scores = mean_scores(results)
-    gain = scores["MLVICX"]["frozen"][10.0] - scores["Random init"]["frozen"][10.0]
-    return results, gain
+    ours, random_init = scores["MLVICX"]["frozen"][10.0], scores["Random init"]["frozen"][10.0]
+    if ours is None or random_init is None:  # every probe diverged or had no defined class: no gain
+        return results, None
+    return results, ours - random_init
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1624,9 +1668,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
                 make_deterministic()
             run = run_cls if args.command == "cls" else run_seg
-            if len(set(args.seeds)) != len(args.seeds):
-                raise EvaluationError(f"--seeds: {' '.join(map(str, args.seeds))} names a seed twice (its runs would "
-                                      "count as two in the table and one in compare)")
             kwargs = dict(protocols=args.protocol, fractions=_fraction_list(args.fractions), seeds=args.seeds,
                           with_context=args.with_context, in_chans=args.in_chans, batch=args.batch, lr=args.lr,
                           epochs=args.epochs, patience=args.patience, image_size=args.image_size, device=args.device,
@@ -1655,6 +1696,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results, gain = run_demo(args.out, args.seeds, args.ablations, args.pretrained, progress=not args.quiet)
             print()
             print(format_table(results))
+            if gain is None:
+                print("evaluate demo: no gain to report: MLVICX or random init has no mean AUC (all its probes "
+                      "diverged or had no defined class; see the table)", file=sys.stderr)
+                return 1
             print(f"MLVICX - random init, frozen probe at 10% labels: {gain:+.3f} mean AUC (expected >= +0.05)")
             return 0 if gain >= 0.05 else 1
         elif args.command == "heatmap":

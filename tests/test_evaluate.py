@@ -149,10 +149,19 @@ def test_cli_errors_name_the_bad_input(tmp_path, phantom, capsys):
     # an explicit 0 is an error, not the paper's default; a seed or fraction named twice too
     for flags, match in ((["--lr", "0"], "--lr > 0, got 64 and 0.0"), (["--batch", "1"], "--batch must be >= 2"),
                          (["--seeds", "0", "0"], "--seeds: 0 0 names a seed twice"),
-                         (["--fractions", "10", "10%"], "names a fraction twice")):
+                         (["--fractions", "10", "10%"], "names a fraction twice"),
+                         (["--protocol", "frozen", "frozen"], "--protocol: frozen frozen names a protocol twice"),
+                         (["--seeds", "-1"], "--seeds: a seed must be an integer >= 0, got -1"),
+                         (["--fractions", "0.01"], "--fractions 0.01 keeps 1 of the"),
+                         (["--ckpt", str(tmp_path / "runs" / "a=b")], "runs/a=b' does not exist")):
         code = ev.main(["cls", "--data", str(phantom / "nih"), "--ckpt", "random", "--out", str(tmp_path / "o"),
-                        "--protocol", "finetune", *flags])
+                        "--protocol", "finetune", "--fractions", "100", *flags])
         assert code == 2 and match in capsys.readouterr().err, flags
+    # a one-image subset cannot train BatchNorm: fine-tuning and the U-Net say so before any work
+    code = ev.main(["seg", "--data", str(phantom / "siim"), "--ckpt", "random", "--out", str(tmp_path / "o"),
+                    "--protocol", "frozen", "--fractions", "0.01"])
+    err = capsys.readouterr().err
+    assert code == 2 and "keeps 1 of the" in err and "the U-Net needs at least 2" in err
 
 
 def test_data_folder_hint(phantom):
@@ -209,6 +218,13 @@ def test_compare_pairs_only_runs_on_the_same_data_and_says_what_else_differs():
     with pytest.raises(ev.EvaluationError, match="evaluated on different data"):
         ev.merge_results([a, other])
     assert ev.merge_results([a, b], ["a", "b"])["notes"] == ["epochs: 5 in a, 3 in b"]
+    # a protocol only one side ran is no difference; one both ran with other settings is
+    both = {"frozen": {"batch": 16, "lr": 1e-3}, "finetune": {"batch": 8, "lr": 3e-4}}
+    c = _fake_results("VICReg", {(10.0, 0): 0.6}, settings=both)
+    assert ev.compare_results(a, c)["notes"] == []
+    d = _fake_results("VICReg", {(10.0, 0): 0.6}, settings=dict(both, frozen={"batch": 32, "lr": 1e-3}))
+    assert ev.compare_results(a, d, a_name="a", b_name="d")["notes"] == [
+        "settings of frozen: {'batch': 16, 'lr': 0.001} in a, {'batch': 32, 'lr': 0.001} in d"]
 
 
 def test_auc_ranks_logits_where_float32_sigmoids_tie():
@@ -280,6 +296,7 @@ def test_cls_end_to_end_compare_and_heatmap(tmp_path, phantom, run_folder, capsy
     n_train = json.loads((phantom / "nih" / "meta.json").read_text())["splits"]["train"]["n"]
     for r in res["runs"]:
         assert r["epochs_run"] == 1 and r["best_epoch"] == 0 and r["eval_split"] == "test"
+        assert r["val_criterion"] == "mean_auc"
         assert r["n_train"] == (n_train if r["fraction"] == 100 else round(n_train / 2))
         # the phantom draws 6 of the 14 NIH findings: the other 8 are undefined, not 0.5 or a crash
         assert r["per_class_auc"]["Hernia"] is None and r["per_class_auc"]["Atelectasis"] is None
@@ -324,16 +341,20 @@ def test_cls_end_to_end_compare_and_heatmap(tmp_path, phantom, run_folder, capsy
     model = out / "models" / "MLVICX-finetune-100pct-seed0.pt"
     png = tmp_path / "xray.png"
     Image.fromarray((np.random.rand(100, 80) * 255).astype(np.uint8)).save(png)
-    code = ev.main(["heatmap", "--model", str(model), str(png), "--data", str(phantom / "nih"), "--n", "2",
+    (tmp_path / "b").mkdir()
+    other = tmp_path / "b" / "xray.png"  # the same name in another folder: its own overlays, not the first's
+    Image.fromarray((np.random.rand(60, 90) * 255).astype(np.uint8)).save(other)
+    code = ev.main(["heatmap", "--model", str(model), str(png), str(other), "--data", str(phantom / "nih"), "--n", "2",
                     "--classes", "Effusion", "Mass", "--out", str(tmp_path / "hm"), "--quiet"])
     assert code == 0
     ids = [line.split(",")[1][:-4] for line in (phantom / "nih" / "test_index.csv").read_text().splitlines()[1:3]]
-    for stem in ("xray", f"test-00000-{ids[0]}", f"test-00001-{ids[1]}"):
+    for stem in ("xray", "xray-2", f"test-00000-{ids[0]}", f"test-00001-{ids[1]}"):
         for name in ("Effusion.png", "Mass.png", "input.png"):
             with Image.open(tmp_path / "hm" / stem / name) as im:
                 assert im.size == (SIZE, SIZE)
     rep = json.loads((tmp_path / "hm" / "heatmaps.json").read_text())
     assert set(rep["images"]["xray"]["probabilities"]) == {"Effusion", "Mass"}
+    assert rep["images"]["xray"]["probabilities"] != rep["images"]["xray-2"]["probabilities"]
     labels = np.load(phantom / "nih" / "test_labels.npy")
     from mlvicx_fast.data import NIH_LABELS
     assert rep["images"][f"test-00001-{ids[1]}"]["labels"] == {
@@ -483,3 +504,22 @@ def test_demo_help_says_what_it_runs_and_expects(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "at least 0.05 mean AUC" in text and "--ablations" in text and "--pretrained" in text
+
+
+def test_early_stopping_says_when_it_ranked_epochs_by_the_validation_loss():
+    """With no validation class that has both labels there is no AUC to stop on: the best epoch is
+    the lowest validation loss, and the run records that its val_best is minus that loss."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), (torch.rand(40, 3) > 0.5).float().numpy()
+    val_x, flat_y = torch.randn(12, 6), np.zeros((12, 3), dtype=np.float32)
+    kwargs = dict(prepare=lambda data, idx: data[torch.as_tensor(idx)], classes=["a", "b", "c"], batch=8, lr=1e-2,
+                  epochs=3, patience=5, seed=0, device=torch.device("cpu"), eval_batch=16)
+    hist = ev.train_classifier(torch.nn.Linear(6, 3), x, y, val_x, flat_y, **kwargs)
+    assert hist["best_val_criterion"] == "-val_loss"
+    best = hist["history"][hist["best_epoch"]]
+    assert hist["best_val"] == pytest.approx(-best["val_loss"]) and best["val_mean_auc"] is None
+    assert hist["best_val"] == pytest.approx(max(-h["val_loss"] for h in hist["history"]))
+    val_y = np.tile(np.array([[0, 1, 0]], dtype=np.float32), (12, 1))
+    val_y[::2] = 1 - val_y[::2]
+    hist = ev.train_classifier(torch.nn.Linear(6, 3), x, y, val_x, val_y, **kwargs)
+    assert hist["best_val_criterion"] == "mean_auc" and 0 <= hist["best_val"] <= 1
