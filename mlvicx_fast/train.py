@@ -483,15 +483,25 @@ class RunLog:
 
     @staticmethod
     def _open(path: Path, columns: List[str], keep):
-        rows = []
-        if keep is not None and path.is_file():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if keep(r)]
-        f = open(path, "w", newline="")
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        return f, writer
+        if keep is None or not path.is_file():  # a new run: the file starts anew
+            f = open(path, "w", newline="")
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            return f, writer
+        # a resumed run: the kept rows replace the file atomically (rewritten in place, a kill before
+        # the next flush left it empty or cut short), then new rows are appended
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if keep(r)]
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        f = open(path, "a", newline="")
+        return f, csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
 
     def step(self, row: Dict[str, float]) -> None:
         self.steps.writerow(row)
@@ -847,11 +857,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                     bar.update(len(pending))
                     pending_steps, pending_lrs, pending = [], [], []
                 if ckpt_due:
-                    path = save("interrupt" if stopping else "epoch" if end_of_epoch else "step")
+                    # the epoch's row first, so the checkpoint's flush puts it on disk with the steps
+                    # (written after it, a killed run lost the row for good: the resume starts past it)
                     if end_of_epoch and log is not None:
                         log.epoch(dict(epoch=(step - 1) // steps_per_epoch, steps=len(epoch_losses),
                                        mean_loss=sum(epoch_losses) / max(len(epoch_losses), 1),
                                        seconds=time.perf_counter() - start))
+                    path = save("interrupt" if stopping else "epoch" if end_of_epoch else "step")
+                    if end_of_epoch and log is not None:
                         epoch_losses = []
                     if stopping:
                         raise Interrupted(path)

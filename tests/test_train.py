@@ -674,3 +674,30 @@ def test_compiled_step_traces_the_network_once(monkeypatch, backend):
         values = parts.step(x1, x2)
         assert torch.isfinite(values).all(), values
     assert counter.frame_count == 1, f"the network was traced {counter.frame_count} times in three steps"
+
+
+def test_resumed_logs_are_on_disk_before_the_first_new_row(tmp_path):
+    """A resume keeps log.csv and epochs.csv up to its step: those rows are on disk at once (the
+    files replaced atomically), not buffered until the next checkpoint, so a kill -9 before it
+    loses no history."""
+    from mlvicx_fast.train import RunLog
+
+    first = RunLog(tmp_path, None, steps_per_epoch=4)
+    for step in range(1, 13):
+        first.step({"step": step, "epoch": (step - 1) // 4, "loss": 1.0 / step})
+        if step % 4 == 0:
+            first.epoch({"epoch": step // 4 - 1, "steps": 4, "mean_loss": 0.5, "seconds": 1.0})
+    first.close()
+    resumed = RunLog(tmp_path, 9, steps_per_epoch=4)  # no flush, no close: as if killed right here
+    try:
+        with open(tmp_path / "log.csv", newline="") as f:
+            assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 10))
+        with open(tmp_path / "epochs.csv", newline="") as f:
+            assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+        resumed.step({"step": 10, "epoch": 2, "loss": 0.1})
+        resumed.flush()
+        with open(tmp_path / "log.csv", newline="") as f:
+            assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 11))
+        assert not list(tmp_path.glob("*.part"))
+    finally:
+        resumed.close()
