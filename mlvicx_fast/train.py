@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -492,14 +493,11 @@ class RunLog:
         # the next flush left it empty or cut short), then new rows are appended
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if keep(r)]
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        kept = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+        kept.writeheader()
+        kept.writerows(rows)
+        atomic_write_text(path, text.getvalue())
         f = open(path, "a", newline="")
         return f, csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
 

@@ -698,6 +698,6 @@ def test_resumed_logs_are_on_disk_before_the_first_new_row(tmp_path):
         resumed.flush()
         with open(tmp_path / "log.csv", newline="") as f:
             assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 11))
-        assert not list(tmp_path.glob("*.part"))
+        assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".*.tmp"))  # no temporary left
     finally:
         resumed.close()

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..checkpoint import atomic_write_text
 from ..progress import progress as progress_bar
 from .datasets import SCANNERS, LabelFileError, Record, Scan
 from .images import ImageError, MissingDecoderError, fit_square, fit_square_mask, read_image, rle_decode
@@ -357,9 +358,7 @@ def ensure_phantom(out="data/phantom", n: int = 2000, seed: int = 0, size: int =
         if not ready():
             stamp.unlink(missing_ok=True)  # a build from here on is not the stamped one
             _build_phantom(out, n, seed, size, fmt, workers, quiet)
-            tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.part")
-            tmp.write_text(json.dumps(want))
-            os.replace(tmp, stamp)
+            atomic_write_text(stamp, json.dumps(want))
     return out
 
 
