@@ -91,7 +91,8 @@ class Config:
         help="channels_last memory format (on by default: on 2 CPU cores too, the built-in step is ~15%% faster)"))
     workers: int = field(default=0, metadata=dict(
         help="FFCV loader threads for .beton data (0: this process's share of the machine's cores, at most 8)"))
-    out: str = field(default="", metadata=dict(help="run folder (default: runs/<date>-<time>)"))
+    out: str = field(default="", metadata=dict(
+        help="run folder (default: a new runs/<date>-<time>); one that holds another run is refused"))
     resume: str = field(default="", metadata=dict(help="run folder or checkpoint to continue exactly"))
     seed: int = field(default=0, metadata=dict(help="seed of data order, augmentation and initialisation"))
     max_steps: int = field(default=0, metadata=dict(
@@ -224,6 +225,25 @@ def say(msg: str) -> None:
         print(f"[train] {msg}", flush=True)
 
 
+def say_in_handler(msg: str) -> None:
+    """say() from a signal handler: written to the file descriptor, past sys.stdout's buffer (the
+    handler runs between two bytecodes of the main thread, maybe inside a print or the progress
+    bar's write to the same stream, and a buffered write from there raises 'reentrant call')."""
+    if not is_main():
+        return
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        fd = None  # a stream without a descriptor (a captured one): it has no such lock
+    if fd is None:
+        say(msg)
+        return
+    try:
+        os.write(fd, f"\n[train] {msg}\n".encode())
+    except OSError:
+        pass  # a closed terminal: the run still stops and saves
+
+
 def on_cuda(device: str) -> bool:
     """Whether --device (cuda, cuda:N, cpu or auto) runs on a GPU here."""
     return torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
@@ -232,7 +252,7 @@ def on_cuda(device: str) -> bool:
 def resolve(cfg: Config) -> Config:
     """Fill the 'auto' values for this machine; paths made absolute (config.json then names the
     same files from any working directory, so --resume works from anywhere)."""
-    for name in ("data", "init"):
+    for name in ("data", "init", "out"):
         if getattr(cfg, name):
             setattr(cfg, name, str(Path(getattr(cfg, name)).expanduser().absolute()))
     cuda = on_cuda(cfg.device)
@@ -627,6 +647,88 @@ def resume_config(given: Dict[str, Any], ckpt_path: Path, saved: Dict[str, Any])
     return Config(**out)
 
 
+def run_contents(folder: Path) -> List[str]:
+    """What in folder a new run there would replace: its step checkpoints, final.pt and logged
+    steps (a folder left by a run that stopped before its first step holds none of them)."""
+    found = []
+    n = len(CheckpointManager(folder / "checkpoints").list())
+    if n:
+        found.append(f"{n} checkpoint(s)")
+    if (folder / "final.pt").is_file():
+        found.append("final.pt")
+    log = folder / "log.csv"
+    if log.is_file():
+        with open(log, newline="") as f:
+            rows = sum(1 for _ in csv.DictReader(f))
+        if rows:
+            found.append(f"log.csv with {rows} step(s)")
+    return found
+
+
+def check_run_folder(cfg: Config, own: Optional[Path]) -> None:
+    """A new run (or a continuation written to another --out) stops here when --out holds another
+    run: its checkpoints would be pruned as if they were the new run's, its logs started anew.
+    own: the folder of the run being resumed (writing there is the point of --resume)."""
+    if not cfg.out:
+        return  # a new default folder, see claim_run_folder
+    run = Path(cfg.out)
+    if own is not None and run.absolute() == own.absolute():
+        return
+    found = run_contents(run)
+    if found:
+        hint = (f"continue it with --resume {run}, " if own is None else "") + "give another --out, or remove it"
+        raise SystemExit(f"train: --out {run} already holds a run ({', '.join(found)}); a new run there would "
+                         f"replace them: {hint}")
+
+
+def claim_run_folder(cfg: Config) -> Path:
+    """The run folder, made: --out, or a new runs/<date>-<time> (-2, -3, ... when that exists: two
+    runs started in the same second get a folder each; mkdir is the atomic claim)."""
+    if cfg.out:
+        run = Path(cfg.out)
+        run.mkdir(parents=True, exist_ok=True)
+        return run
+    base = Path("runs").absolute() / time.strftime("%Y%m%d-%H%M%S")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        run = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            continue
+    raise SystemExit(f"train: could not make a new run folder beside {base}")
+
+
+def unused_name(path: Path) -> Path:
+    """path, or path-2, path-3, ... the first that does not exist."""
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}-{n}")
+        n += 1
+    return candidate
+
+
+def resume_notes(saved: Dict[str, Any], cfg: Config) -> List[str]:
+    """What a resumed run (cfg, resolved) does differently from the run it continues (saved)."""
+    notes = []
+    if saved.get("precision") != cfg.precision:
+        notes.append(f"--precision {cfg.precision}, the run trained in {saved.get('precision')}: the steps from "
+                     "here round differently from an uninterrupted run's")
+    elif cfg.precision != "fp32" and not on_cuda(cfg.device) and on_cuda(str(saved.get("device", "cpu"))):
+        notes.append(f"the run's {cfg.precision} autocast continues on the CPU (--precision fp32 changes it; "
+                     "the steps then round differently)")
+    for name, flag in (("channels_last", "--channels-last"), ("compile", "--compile")):
+        if bool(saved.get(name)) != bool(getattr(cfg, name)):
+            state = flag if getattr(cfg, name) else "--no-" + flag[2:]
+            notes.append(f"{state}, unlike the run: the same steps, rounded slightly differently")
+    if saved.get("data") != cfg.data:
+        notes.append(f"reading {cfg.data or 'the built-in phantom set'} (the run read "
+                     f"{saved.get('data') or 'the built-in phantom set'}); its steps per epoch are checked")
+    return notes
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -658,6 +760,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         ckpt_path, resumed = find_checkpoint(cfg.resume)
         cfg = resume_config(given, ckpt_path, resumed["config"])
     cfg = resolve(cfg)
+    if resumed is not None:
+        for note in resume_notes(resumed["config"], cfg):
+            say(f"--resume: {note}")
+    # before any work (the phantom build, the loader): a --out holding another run stops here
+    check_run_folder(cfg, None if resumed is None else
+                     (run_folder_of(ckpt_path) or Path(resumed["config"]["out"])))
     rank, world = setup_distributed(cfg)
     if world > 1 and cfg.cuda_graph:
         say("a CUDA graph around DistributedDataParallel's all-reduces is not validated yet: running without it")
@@ -695,10 +803,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     total_steps = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps  # ... --max-steps only stops early
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
 
-    run = Path(cfg.out or time.strftime("runs/%Y%m%d-%H%M%S"))
+    run = claim_run_folder(cfg) if is_main() else None
+    if world > 1:  # the default folder's name is rank 0's (another process may start a second later)
+        name = [str(run) if is_main() else None]
+        dist.broadcast_object_list(name, src=0)
+        run = Path(name[0])
     cfg.out = str(run)
     if is_main():
-        run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     ckpts = CheckpointManager(run / "checkpoints", keep=cfg.keep)
     if resumed is not None and is_main():
@@ -710,8 +821,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if final.is_file() and load(final).get("step", 0) > resumed["step"]:
             later.append(final)
         if later:
-            aside = ckpts.folder / f"abandoned-after-{resumed['step']:08d}"
-            aside.mkdir(exist_ok=True)
+            # a second continuation set aside from the same step gets a folder of its own
+            aside = unused_name(ckpts.folder / f"abandoned-after-{resumed['step']:08d}")
+            aside.mkdir(parents=True)
             for path in later:
                 path.rename(aside / path.name)
             say(f"--resume from step {resumed['step']}: moved the {len(later)} later checkpoint file(s) to {aside}")
@@ -754,8 +866,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise KeyboardInterrupt
             return
         stop["requested"] = signum
-        say(f"{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping "
-            "(Ctrl-C again to quit now)")
+        say_in_handler(f"{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping "
+                       "(Ctrl-C again to quit now)")
 
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 

@@ -237,6 +237,56 @@ def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(phantom_npy, 
     aside = run / "checkpoints" / "abandoned-after-00000003"
     assert (aside / "ckpt-00000004.pt").is_file() and load(aside / "final.pt")["step"] == 4
     assert load(run / "final.pt")["step"] == 4 and [r["step"] for r in _rows(run)] == ["1", "2", "3", "4"]
+    # a second continuation set aside from the same step keeps the first one's files
+    assert train.main(["--resume", str(run / "checkpoints" / "ckpt-00000003.pt"), "--max-steps", "4"]) == 0
+    second = run / "checkpoints" / "abandoned-after-00000003-2"
+    assert (aside / "ckpt-00000004.pt").is_file() and (second / "ckpt-00000004.pt").is_file()
+    assert load(second / "final.pt")["step"] == 4
+
+
+def test_a_new_run_never_replaces_another_run(phantom_npy, tmp_path, monkeypatch, capsys):
+    """A new run in a folder that holds a run would prune that run's checkpoints as its own and start
+    its logs anew: it stops before any work. --out is saved absolute (config.json names the folder
+    from any working directory)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", str(phantom_npy), "--max-steps", "2", *TINY]
+    assert train.main([*args, "--out", "run"]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["out"] == str(run)
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match=rf"--out {re.escape(str(run))} already holds a run \(1 checkpoint\(s\), "
+                                         rf"final.pt, log.csv with 2 step\(s\)\).*continue it with --resume {re.escape(str(run))},"):
+        train.main([*args, "--out", "run", "--seed", "1"])
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    # nor does a continuation written to --out of another run
+    assert train.main([*args, "--out", "other"]) == 0
+    with pytest.raises(SystemExit, match=r"--out \S*other already holds a run .*give another --out, or remove it"):
+        train.main(["--resume", str(run), "--out", "other", "--max-steps", "3"])
+    assert [r["step"] for r in _rows(tmp_path / "other")] == ["1", "2"]
+    # a folder left by a run that stopped before its first step is no run: it is reused
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "log.csv").write_text("step,loss\n")
+    assert train.run_contents(empty) == [] and train.run_contents(tmp_path / "nowhere") == []
+    # default folders: two runs started in the same second get one each
+    monkeypatch.setattr(train.time, "strftime", lambda fmt, *a: "20261202-120000")
+    cfg = train.Config()
+    first, second = train.claim_run_folder(cfg), train.claim_run_folder(cfg)
+    assert (first, second) == (tmp_path / "runs" / "20261202-120000", tmp_path / "runs" / "20261202-120000-2")
+    assert first.is_dir() and second.is_dir()
+
+
+def test_resume_says_what_it_does_differently(tmp_path):
+    saved = dataclasses.asdict(train.Config(device="cuda", precision="bf16", channels_last=True,
+                                            data=str(tmp_path / "a")))
+    same = train.Config(**dict(saved, device="cpu"))
+    notes = train.resume_notes(saved, same)
+    assert len(notes) == 1 and "the run's bf16 autocast continues on the CPU (--precision fp32" in notes[0]
+    changed = train.Config(**dict(saved, precision="fp32", channels_last=False, data=str(tmp_path / "b")))
+    notes = "\n".join(train.resume_notes(saved, changed))
+    assert "--precision fp32, the run trained in bf16: the steps from here round differently" in notes
+    assert "--no-channels-last, unlike the run" in notes and f"reading {tmp_path / 'b'} (the run read " in notes
+    assert train.resume_notes(saved, train.Config(**saved)) == []
 
 
 def test_resume_passes_over_a_damaged_newest_checkpoint(phantom_npy, tmp_path, capsys):
