@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -1616,11 +1617,37 @@ init by at least 0.05 mean AUC (exit status 1 otherwise). About 12 minutes on 2 
 --ablations also the global-only (--lambda 0) and multi-level-only (--global-weight 0) pretrainings,
 about 30 minutes.
 
-writes OUT/mlvicx (the pretraining run), OUT/probe (results.json, table.md, plot.png)
+writes OUT/mlvicx (the pretraining run; with --ablations also OUT/ablation1 and OUT/ablation2),
+OUT/probe (results.json, table.md, plot.png). Run again with the same --out, the demo reuses a
+finished pretraining and continues a stopped one (remove the folder to pretrain anew).
 
 example:
   python -m mlvicx_fast.evaluate demo --out runs/demo
 """
+
+
+def _demo_pretraining(run: Path, flags: Sequence[str]) -> Optional[List[str]]:
+    """The train command line for a demo's pretraining in run, or None when run already holds it,
+    finished (a demo run again reuses it: remove the folder to pretrain anew). A pretraining that
+    was stopped is continued (--resume); a folder holding another run stops the demo."""
+    from . import train
+
+    if not train.run_contents(run):
+        return ["--out", str(run), *flags]
+    saved = run / "config.json"
+    have = json.loads(saved.read_text()) if saved.is_file() else {}
+    want = dataclasses.asdict(train.resolve(train.Config(**train.given_options(list(flags)))))
+    # what the run computes (the options a resume may change aside, but the data set)
+    skip = (set(train.RESUME_OVERRIDES) - {"data"}) | {"config"}
+    differs = [k for k in want if k not in skip and have.get(k) != want[k]]
+    if differs:
+        raise EvaluationError(f"{run} holds a run that is not this demo's pretraining (its "
+                              f"{', '.join(sorted(differs))} differ); remove it or give demo another --out")
+    if (run / "final.pt").is_file():
+        print(f"[demo] {run} holds this demo's finished pretraining: reusing it (remove the folder to pretrain again)")
+        return None
+    print(f"[demo] continuing the stopped pretraining in {run}")
+    return ["--resume", str(run)]
 
 
 def run_demo(out: PathLike, seeds: Sequence[int] = (0, 1, 2), ablations: bool = False,
@@ -1639,7 +1666,8 @@ def run_demo(out: PathLike, seeds: Sequence[int] = (0, 1, 2), ablations: bool = 
             runs[name] = pretrained
             continue
         run = out / ("mlvicx" if i == 0 else f"ablation{i}")
-        if train.main(["--out", str(run), *flags] + ([] if progress else ["--quiet"])) != 0:
+        argv = _demo_pretraining(run, flags)
+        if argv is not None and train.main(argv + ([] if progress else ["--quiet"])) != 0:
             raise EvaluationError(f"the pretraining run {run} did not finish")
         runs[name] = run
     cfg = train.resolve(train.Config())  # the built-in default's data set and view size on this machine

@@ -506,6 +506,34 @@ def test_demo_help_says_what_it_runs_and_expects(capsys):
     assert "at least 0.05 mean AUC" in text and "--ablations" in text and "--pretrained" in text
 
 
+def test_demo_run_again_reuses_or_continues_its_pretraining(tmp_path, capsys):
+    """A demo run a second time with the same --out: a finished pretraining is reused, a stopped one
+    continued; another run in its folder stops the demo instead of being replaced."""
+    import dataclasses
+
+    from mlvicx_fast import train
+
+    run = tmp_path / "demo" / "mlvicx"
+    assert ev._demo_pretraining(run, []) == ["--out", str(run)]  # nothing there yet
+    config = dataclasses.asdict(train.resolve(train.Config(out=str(run))))
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "ckpt-00000007.pt").write_bytes(b"x")
+    assert ev._demo_pretraining(run, []) == ["--resume", str(run)]
+    assert "continuing the stopped pretraining" in capsys.readouterr().out
+    (run / "final.pt").write_bytes(b"x")
+    assert ev._demo_pretraining(run, []) is None
+    assert "finished pretraining: reusing it" in capsys.readouterr().out
+    # the ablation's folder holding the default run: not the pretraining the demo asks for
+    with pytest.raises(ev.EvaluationError, match=r"mlvicx holds a run that is not this demo's pretraining "
+                                                 r"\(its lambda_ differ\); remove it or give demo another --out"):
+        ev._demo_pretraining(run, ["--lambda", "0"])
+    (run / "config.json").write_text(json.dumps(dict(config, seed=4, epochs=1)))
+    with pytest.raises(ev.EvaluationError, match=r"\(its epochs, seed differ\)"):
+        ev._demo_pretraining(run, [])
+
+
 def test_early_stopping_says_when_it_ranked_epochs_by_the_validation_loss():
     """With no validation class that has both labels there is no AUC to stop on: the best epoch is
     the lowest validation loss, and the run records that its val_best is minus that loss."""
