@@ -118,16 +118,12 @@ def _is_state_dict(obj: Any) -> bool:
 
 def _strip_prefix(sd: Mapping[str, torch.Tensor],
                   prefixes=("module.", "_orig_mod.", "backbone.", "encoder.")) -> Dict[str, torch.Tensor]:
-    """Drop wrapper prefixes shared by every key (DataParallel's 'module.', torch.compile's
-    '_orig_mod.', a 'backbone.' holder)."""
+    """A copy of sd without the wrapper prefixes every key shares (DataParallel's 'module.',
+    torch.compile's '_orig_mod.', a 'backbone.' holder)."""
+    from .models.resnet import strip_wrappers
+
     sd = dict(sd)
-    changed = True
-    while changed:
-        changed = False
-        for p in prefixes:
-            if sd and all(k.startswith(p) for k in sd):
-                sd = {k[len(p):]: v for k, v in sd.items()}
-                changed = True
+    strip_wrappers(sd, wrappers=prefixes)
     return sd
 
 

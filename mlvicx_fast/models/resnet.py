@@ -47,12 +47,12 @@ class GlobalAvgPool(nn.Module):
         return x.mean(dim=(2, 3), keepdim=True)
 
 
-def strip_wrappers(state_dict, prefix: str = "") -> None:
+def strip_wrappers(state_dict, prefix: str = "", wrappers=WRAPPER_PREFIXES) -> None:
     """Rename, in place, the keys under ``prefix`` when every one of them starts with
     ``prefix + w`` for a wrapper prefix w (repeatedly: a compiled DDP model has both)."""
     while True:
         keys = [k for k in state_dict if k.startswith(prefix)]
-        wrapper = next((w for w in WRAPPER_PREFIXES if keys and all(k.startswith(prefix + w) for k in keys)), None)
+        wrapper = next((w for w in wrappers if keys and all(k.startswith(prefix + w) for k in keys)), None)
         if wrapper is None:
             return
         for k in keys:

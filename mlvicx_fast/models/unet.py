@@ -29,16 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.aggregate import linear_resize_matrix
 from .resnet import STAGE_CHANNELS
 
 __all__ = ["UNet", "DecoderBlock", "resize_bilinear"]
-
-
-def _interp_matrix(size_in: int, size_out: int, device, dtype) -> torch.Tensor:
-    """(size_out, size_in) matrix of 1-D linear resizing (align_corners=False), built by resizing
-    the unit signals, so it is the interpolation F.interpolate computes."""
-    eye = torch.eye(size_in, device=device, dtype=torch.float64).unsqueeze(1)
-    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False).squeeze(1).t().to(dtype)
 
 
 def resize_bilinear(y: torch.Tensor, size, by_matrices=None) -> torch.Tensor:
@@ -48,8 +42,8 @@ def resize_bilinear(y: torch.Tensor, size, by_matrices=None) -> torch.Tensor:
         by_matrices = y.is_cuda and torch.are_deterministic_algorithms_enabled()
     if not by_matrices:
         return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-    k_h = _interp_matrix(y.shape[-2], size[0], y.device, y.dtype)  # autocast casts both factors alike
-    k_w = _interp_matrix(y.shape[-1], size[1], y.device, y.dtype)
+    k_h = linear_resize_matrix(y.shape[-2], size[0], y.device, y.dtype)  # autocast casts both factors alike
+    k_w = linear_resize_matrix(y.shape[-1], size[1], y.device, y.dtype)
     return torch.matmul(torch.matmul(k_h, y), k_w.t())
 
 

@@ -42,12 +42,19 @@ MATRIX_CACHE_SIZE = 64
 _MATRICES: "OrderedDict[Tuple, torch.Tensor]" = OrderedDict()
 
 
+def linear_resize_matrix(size: int, resize: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(resize, size) matrix R with R @ v = linear_resize(v, resize) for a 1-D signal v of length
+    ``size`` (align_corners=False), built by resizing the unit signals: F.interpolate's own weights."""
+    eye = torch.eye(size, dtype=torch.float64, device=device).unsqueeze(1)  # row i is the unit signal e_i
+    resized = F.interpolate(eye, size=resize, mode="linear", align_corners=False)  # (size, 1, resize)
+    return resized.squeeze(1).t().contiguous().to(dtype=dtype)
+
+
 def resize_pool_matrix(size: int, resize: int = 64, pool: int = 4,
                        device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(pool, size) matrix K with K @ v = adaptive_avg_pool1d(linear_resize(v, resize), pool)
     for a 1-D signal v of length ``size`` (linear interpolation, align_corners=False)."""
-    eye = torch.eye(size, dtype=torch.float64, device=device).unsqueeze(1)  # row i is the unit signal e_i
-    resized = F.interpolate(eye, size=resize, mode="linear", align_corners=False)
+    resized = linear_resize_matrix(size, resize, device=device, dtype=torch.float64).t().unsqueeze(1)
     pooled = F.adaptive_avg_pool1d(resized, pool)  # (size, 1, pool): column i of K
     return pooled.squeeze(1).t().contiguous().to(dtype=dtype)
 
