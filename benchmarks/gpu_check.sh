@@ -83,6 +83,7 @@ stage bench_aggregate 40 python3 benchmarks/bench_aggregate.py --batch 64
 #    no compile), then eager: pairs/s from each run's log.csv
 stage train_smoke 150 bash -c 'set -e
   python3 -c "from mlvicx_fast.data.prepare import ensure_phantom; ensure_phantom(\"/tmp/ph\", n=768, fmt=\"npy\")"
+  rm -rf /tmp/run_graph /tmp/run_eager  # a rerun on a warm machine: train refuses a folder holding a run
   python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 40 --out /tmp/run_graph
   python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 20 --no-cuda-graph --out /tmp/run_eager
   for r in graph eager; do echo "$r: last rows of log.csv"; tail -n 3 /tmp/run_$r/log.csv; done'

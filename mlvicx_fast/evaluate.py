@@ -1631,8 +1631,11 @@ def _demo_pretraining(run: Path, flags: Sequence[str]) -> Optional[List[str]]:
     if not train.run_contents(run):
         return ["--out", str(run), *flags]
     saved = run / "config.json"
-    have = json.loads(saved.read_text()) if saved.is_file() else {}
     want = dataclasses.asdict(train.resolve(train.Config(**train.given_options(list(flags)))))
+    # a config.json of an older version lacks the options added since: they had their defaults
+    # (and a built-in run then read the 256 px phantom set, as resume_config assumes)
+    have = dict(dataclasses.asdict(train.Config()), phantom_size=256)
+    have.update(json.loads(saved.read_text()) if saved.is_file() else {})
     # what the run computes (the options a resume may change aside, but the data set)
     skip = (set(train.RESUME_OVERRIDES) - {"data"}) | {"config"}
     differs = [k for k in want if k not in skip and have.get(k) != want[k]]
@@ -1642,6 +1645,9 @@ def _demo_pretraining(run: Path, flags: Sequence[str]) -> Optional[List[str]]:
     if (run / "final.pt").is_file():
         print(f"[demo] {run} holds this demo's finished pretraining: reusing it (remove the folder to pretrain again)")
         return None
+    if not train.CheckpointManager(run / "checkpoints").list():
+        raise EvaluationError(f"{run} holds a pretraining stopped before its first checkpoint; remove it "
+                              "to pretrain again")
     print(f"[demo] continuing the stopped pretraining in {run}")
     return ["--resume", str(run)]
 

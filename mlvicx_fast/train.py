@@ -672,11 +672,12 @@ def check_run_folder(cfg: Config, own: Optional[Path]) -> None:
     if not cfg.out:
         return  # a new default folder, see claim_run_folder
     run = Path(cfg.out)
-    if own is not None and run.absolute() == own.absolute():
+    if own is not None and run.resolve() == own.resolve():  # the same folder however spelled (links, ..)
         return
     found = run_contents(run)
     if found:
-        hint = (f"continue it with --resume {run}, " if own is None else "") + "give another --out, or remove it"
+        resumable = bool(CheckpointManager(run / "checkpoints").list())  # a run stopped before its first has none
+        hint = (f"continue it with --resume {run}, " if resumable else "") + "give another --out, or remove it"
         raise SystemExit(f"train: --out {run} already holds a run ({', '.join(found)}); a new run there would "
                          f"replace them: {hint}")
 
@@ -710,8 +711,9 @@ def unused_name(path: Path) -> Path:
     return candidate
 
 
-def resume_notes(saved: Dict[str, Any], cfg: Config) -> List[str]:
-    """What a resumed run (cfg, resolved) does differently from the run it continues (saved)."""
+def resume_notes(saved: Dict[str, Any], cfg: Config, data_given: bool = True) -> List[str]:
+    """What a resumed run (cfg, resolved) does differently from the run it continues (saved).
+    data_given: --data was given again (else the run's own, maybe saved relative by an old version)."""
     notes = []
     if saved.get("precision") != cfg.precision:
         notes.append(f"--precision {cfg.precision}, the run trained in {saved.get('precision')}: the steps from "
@@ -723,7 +725,7 @@ def resume_notes(saved: Dict[str, Any], cfg: Config) -> List[str]:
         if bool(saved.get(name)) != bool(getattr(cfg, name)):
             state = flag if getattr(cfg, name) else "--no-" + flag[2:]
             notes.append(f"{state}, unlike the run: the same steps, rounded slightly differently")
-    if saved.get("data") != cfg.data:
+    if data_given and saved.get("data") != cfg.data:
         notes.append(f"reading {cfg.data or 'the built-in phantom set'} (the run read "
                      f"{saved.get('data') or 'the built-in phantom set'}); its steps per epoch are checked")
     return notes
@@ -761,7 +763,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = resume_config(given, ckpt_path, resumed["config"])
     cfg = resolve(cfg)
     if resumed is not None:
-        for note in resume_notes(resumed["config"], cfg):
+        for note in resume_notes(resumed["config"], cfg, data_given="data" in given):
             say(f"--resume: {note}")
     # before any work (the phantom build, the loader): a --out holding another run stops here
     check_run_folder(cfg, None if resumed is None else

@@ -532,6 +532,21 @@ def test_demo_run_again_reuses_or_continues_its_pretraining(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps(dict(config, seed=4, epochs=1)))
     with pytest.raises(ev.EvaluationError, match=r"\(its epochs, seed differ\)"):
         ev._demo_pretraining(run, [])
+    # a config.json of an older version, without the options added since, is the same pretraining
+    older = {k: v for k, v in config.items() if k != "init"}
+    (run / "config.json").write_text(json.dumps(older))
+    assert ev._demo_pretraining(run, []) is None
+    if config["phantom_size"] != 256:  # one without phantom_size read the 256 px set: another pretraining
+        (run / "config.json").write_text(json.dumps({k: v for k, v in older.items() if k != "phantom_size"}))
+        with pytest.raises(ev.EvaluationError, match=r"\(its phantom_size differ\)"):
+            ev._demo_pretraining(run, [])
+    # stopped before its first checkpoint: nothing to continue
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "final.pt").unlink()
+    (run / "checkpoints" / "ckpt-00000007.pt").unlink()
+    (run / "log.csv").write_text("step,loss\n1,40\n")
+    with pytest.raises(ev.EvaluationError, match=r"stopped before its first checkpoint; remove it"):
+        ev._demo_pretraining(run, [])
 
 
 def test_early_stopping_says_when_it_ranked_epochs_by_the_validation_loss():

@@ -117,6 +117,13 @@ def test_resnet18_loads_checkpoints_of_wrapped_models():
     mixed["module.conv1.weight"] = mixed.pop("conv1.weight")
     with pytest.raises(RuntimeError, match=r"Missing key\(s\).*conv1\.weight"):
         ResNet18().load_state_dict(mixed)
+    # stripping never overwrites a key: 'module.module.a' and 'module.a' both stay
+    from mlvicx_fast.models.resnet import strip_wrappers
+
+    a, b = torch.randn(3), torch.randn(3)
+    nested = {"module.module.a": a, "module.a": b}
+    strip_wrappers(nested)
+    assert set(nested) == {"module.a", "a"} and nested["module.a"] is a and nested["a"] is b
 
 
 def test_presets_and_state_dict_names():

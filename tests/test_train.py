@@ -263,6 +263,14 @@ def test_a_new_run_never_replaces_another_run(phantom_npy, tmp_path, monkeypatch
     with pytest.raises(SystemExit, match=r"--out \S*other already holds a run .*give another --out, or remove it"):
         train.main(["--resume", str(run), "--out", "other", "--max-steps", "3"])
     assert [r["step"] for r in _rows(tmp_path / "other")] == ["1", "2"]
+    # the run's own folder however spelled (a link, ..) is its own
+    (tmp_path / "link").symlink_to(run)
+    train.check_run_folder(train.Config(out=str(tmp_path / "link")), own=tmp_path / "x" / ".." / "run")
+    # a run stopped before its first checkpoint (a NaN, say) cannot be resumed: not suggested
+    (tmp_path / "nan").mkdir()
+    (tmp_path / "nan" / "log.csv").write_text("step,loss\n1,nan\n")
+    with pytest.raises(SystemExit, match=r"already holds a run \(log.csv with 1 step\(s\)\).*replace them: give another"):
+        train.check_run_folder(train.Config(out=str(tmp_path / "nan")), own=None)
     # a folder left by a run that stopped before its first step is no run: it is reused
     empty = tmp_path / "empty"
     empty.mkdir()

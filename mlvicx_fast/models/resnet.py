@@ -55,8 +55,10 @@ def strip_wrappers(state_dict, prefix: str = "", wrappers=WRAPPER_PREFIXES) -> N
         wrapper = next((w for w in wrappers if keys and all(k.startswith(prefix + w) for k in keys)), None)
         if wrapper is None:
             return
-        for k in keys:
-            state_dict[prefix + k[len(prefix + wrapper):]] = state_dict.pop(k)
+        # every key is taken out before any goes back: 'module.module.a' renamed while
+        # 'module.a' is still there would overwrite it
+        renamed = {prefix + k[len(prefix + wrapper):]: state_dict.pop(k) for k in keys}
+        state_dict.update(renamed)
 
 
 def convert_stem(state_dict, prefix: str, in_chans: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
