@@ -1630,18 +1630,14 @@ def _demo_pretraining(run: Path, flags: Sequence[str]) -> Optional[List[str]]:
 
     if not train.run_contents(run):
         return ["--out", str(run), *flags]
-    saved = run / "config.json"
     want = dataclasses.asdict(train.resolve(train.Config(**train.given_options(list(flags)))))
-    # a config.json of an older version lacks the options added since: they had their defaults
-    # (and a built-in run then read the 256 px phantom set, as resume_config assumes)
-    have = dict(dataclasses.asdict(train.Config()), phantom_size=256)
-    have.update(json.loads(saved.read_text()) if saved.is_file() else {})
-    # what the run computes (the options a resume may change aside, but the data set)
-    skip = (set(train.RESUME_OVERRIDES) - {"data"}) | {"config"}
-    differs = [k for k in want if k not in skip and have.get(k) != want[k]]
+    # what the run computes: the options a resume may change aside, but the data set
+    have = train.folder_config(run)
+    differs = (["no config.json"] if have is None else
+               train.run_differences(have, want, skip=train.SAME_RUN_SKIP - {"data"}))
     if differs:
-        raise EvaluationError(f"{run} holds a run that is not this demo's pretraining (its "
-                              f"{', '.join(sorted(differs))} differ); remove it or give demo another --out")
+        raise EvaluationError(f"{run} holds a run that is not this demo's pretraining ({'; '.join(differs)}); "
+                              "remove it or give demo another --out")
     if (run / "final.pt").is_file():
         print(f"[demo] {run} holds this demo's finished pretraining: reusing it (remove the folder to pretrain again)")
         return None

@@ -16,10 +16,13 @@ Examples:
   python -m mlvicx_fast.train --data prepared/nih --preset official --epochs 300 --batch-size 256
   python -m mlvicx_fast.train --config my.toml --resume runs/nih-1  # continue a run exactly
   torchrun --nproc-per-node 8 -m mlvicx_fast.train --data prepared/nih   # one node, 8 GPUs
+  torchrun --nproc-per-node 8 --max-restarts 3 -m mlvicx_fast.train --data prepared/nih --out runs/nih
+                                                                # a failed process: all restart, the run continues
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -469,7 +473,18 @@ def setup_distributed(cfg: Config):
     if cfg.device.startswith("cuda"):
         torch.cuda.set_device(local)
         cfg.device = f"cuda:{local}"
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts:
+        # torchrun's static rendezvous (its default) keeps one store across restarts, and the
+        # process group's keys of the attempt before are still in it: the restarted rank 0 read the
+        # dead rank 1's address and failed to connect. A prefix per attempt keeps them apart (every
+        # process of an attempt has the same count, as torchrun's own store sharing assumes).
+        store, rank, size = next(dist.rendezvous("env://"))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"mlvicx/attempt-{restarts}", store),
+                                rank=rank, world_size=size)
+    else:
+        dist.init_process_group(backend)
     if cfg.batch_size % world:
         raise SystemExit(f"train: --batch-size {cfg.batch_size} must be divisible by the {world} processes")
     return dist.get_rank(), world
@@ -632,8 +647,7 @@ def resume_config(given: Dict[str, Any], ckpt_path: Path, saved: Dict[str, Any])
     ignored = sorted(set(given) - set(RESUME_OVERRIDES) - {"config"})
     if ignored:
         say(f"--resume keeps the run's own settings; ignoring {', '.join(names[k] for k in ignored)}")
-    if saved.get("data") is None and "phantom_size" not in saved:
-        saved = dict(saved, phantom_size=256)  # a built-in run from before 2026-12-02: the 256 px set then
+    saved = saved_config(saved)
     out = dict(saved, **{k: v for k, v in given.items() if k in RESUME_OVERRIDES})
     if "out" not in given:
         folder = run_folder_of(ckpt_path)
@@ -645,6 +659,53 @@ def resume_config(given: Dict[str, Any], ckpt_path: Path, saved: Dict[str, Any])
         say("--resume: this machine has no CUDA device; continuing without the run's CUDA graph")
         out["cuda_graph"] = False
     return Config(**out)
+
+
+def saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A configuration saved by any version, complete: the options added since had their defaults
+    (and a built-in run from before 2026-12-02 read the 256 px phantom set)."""
+    out = dataclasses.asdict(Config())
+    if saved.get("data") is None and "phantom_size" not in saved:
+        out["phantom_size"] = 256
+    out.update({k: v for k, v in saved.items() if k in out})
+    return out
+
+
+# what two runs' configurations may differ in and still be one run: the options a resume may
+# change, and the config file's name
+SAME_RUN_SKIP = frozenset(RESUME_OVERRIDES) | {"config"}
+
+
+def run_differences(have: Dict[str, Any], want: Dict[str, Any], skip=SAME_RUN_SKIP) -> List[str]:
+    """The options in which a saved run (have, see saved_config) differs from want (both resolved
+    configurations), as 'flag value (the run: value)', the options in skip aside."""
+    have = saved_config(have)
+    flags = {f.name: _flag(f) for f in dataclasses.fields(Config)}
+    return [f"{flags[k]} {want[k]} (the run: {have[k]})" for k in flags
+            if k not in skip and k in want and have[k] != want[k]]
+
+
+def folder_config(folder: Path) -> Optional[Dict[str, Any]]:
+    """The configuration a run folder's config.json holds, or None (no file, or not one that reads)."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def resumed_folder(ckpt_path: Path, saved: Dict[str, Any]) -> Optional[Path]:
+    """The folder of the run a checkpoint continues: the run folder it lies in, or else (a copy
+    moved elsewhere) the folder it was saved from, when that folder still holds the same run or none
+    (another run there since is not this one's to write over)."""
+    folder = run_folder_of(ckpt_path)
+    if folder is not None:
+        return folder
+    folder = Path(saved["out"])
+    there = folder_config(folder)
+    if not run_contents(folder) or (there is not None and not run_differences(there, saved_config(saved))):
+        return folder
+    return None
 
 
 def run_contents(folder: Path) -> List[str]:
@@ -701,6 +762,60 @@ def claim_run_folder(cfg: Config) -> Path:
     raise SystemExit(f"train: could not make a new run folder beside {base}")
 
 
+def lock_run_folder(run: Path):
+    """Hold run/.lock (an exclusive flock) while this process writes the run folder: a second run
+    on the folder meanwhile (the same command in two terminals, a resume of a run still going)
+    stops naming the writer, instead of both writing one set of checkpoints. The lock ends with the
+    process however it ends. The open file (keep it open), or None where there are no locks."""
+    try:
+        import fcntl
+    except ImportError:  # not on a POSIX system
+        return None
+    f = open(run / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"train: {run} is being written by another run ({holder}); wait for it to end, "
+                         "or give another --out") from None
+    except OSError:
+        f.close()
+        return None  # a file system without locks (some network mounts)
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def elastic_restarts(given: Dict[str, Any]) -> int:
+    """How often torchrun has restarted this run's processes (its --max-restarts), 0 outside
+    torchrun. Restarted processes continue the run from its folder, so that folder must be known:
+    a new default folder each time would start the run over."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) and not (given.get("out") or given.get("resume")):
+        raise SystemExit("train: torchrun --max-restarts: give --out (or --resume), so that restarted processes "
+                         "find the run's folder and continue from its newest checkpoint")
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def restart_point(cfg: Config, resumed: Optional[Dict[str, Any]]) -> Tuple[bool, Optional[Tuple[Path, Dict[str, Any]]]]:
+    """After a torchrun restart: (whether cfg.out is this run's folder, the newest checkpoint there
+    when it is newer than the one resumed from, else None). The folder is this run's when its
+    config.json holds this run's configuration (an earlier attempt of the command wrote it); a
+    folder of another run is left to check_run_folder, which refuses it as the first attempt did."""
+    folder = Path(cfg.out)
+    there = folder_config(folder)
+    if there is None or run_differences(there, dataclasses.asdict(cfg)):
+        return False, None
+    if not CheckpointManager(folder / "checkpoints").list():
+        return True, None
+    path, state = find_checkpoint(str(folder))
+    if resumed is not None and state["step"] <= resumed["step"]:
+        return True, None
+    return True, (path, state)
+
+
 def unused_name(path: Path) -> Path:
     """path, or path-2, path-3, ... the first that does not exist."""
     n = 2
@@ -755,19 +870,37 @@ def first_non_finite(steps: List[int], values: torch.Tensor) -> Tuple[int, Optio
 # Training
 # --------------------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> int:
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however the run ends
+        return _train(argv, held)
+
+
+def _train(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
     given = given_options(argv)
+    restarts = elastic_restarts(given)
     cfg = Config(**given)
     resumed: Optional[Dict[str, Any]] = None
+    own: Optional[Path] = None  # the folder of the run continued (a resume writes there)
     if cfg.resume:
         ckpt_path, resumed = find_checkpoint(cfg.resume)
         cfg = resume_config(given, ckpt_path, resumed["config"])
+        own = resumed_folder(ckpt_path, resumed["config"])
     cfg = resolve(cfg)
+    if restarts:
+        # torchrun started the processes again (--max-restarts): the run continues from the newest
+        # checkpoint its folder holds, which an earlier attempt of this command may have written
+        is_own, newer = restart_point(cfg, resumed)
+        own = Path(cfg.out) if is_own else own
+        if newer is not None:
+            ckpt_path, resumed = newer
+            overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDES and k != "resume"}
+            cfg = resolve(resume_config(dict(overrides, resume=cfg.out), ckpt_path, resumed["config"]))
+        say(f"torchrun restart {restarts}: " + (f"continuing from {ckpt_path}" if resumed is not None
+                                                else "no checkpoint of this run yet; starting it again"))
     if resumed is not None:
         for note in resume_notes(resumed["config"], cfg, data_given="data" in given):
             say(f"--resume: {note}")
     # before any work (the phantom build, the loader): a --out holding another run stops here
-    check_run_folder(cfg, None if resumed is None else
-                     (run_folder_of(ckpt_path) or Path(resumed["config"]["out"])))
+    check_run_folder(cfg, own)
     rank, world = setup_distributed(cfg)
     if world > 1 and cfg.cuda_graph:
         say("a CUDA graph around DistributedDataParallel's all-reduces is not validated yet: running without it")
@@ -805,11 +938,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     total_steps = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps  # ... --max-steps only stops early
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
 
-    run = claim_run_folder(cfg) if is_main() else None
-    if world > 1:  # the default folder's name is rank 0's (another process may start a second later)
-        name = [str(run) if is_main() else None]
-        dist.broadcast_object_list(name, src=0)
-        run = Path(name[0])
+    run, problem = None, None
+    if is_main():
+        try:
+            run = claim_run_folder(cfg)
+            lock = lock_run_folder(run)
+            if lock is not None:
+                held.callback(lock.close)
+        except SystemExit as e:
+            problem = str(e)
+    if world > 1:  # the default folder's name is rank 0's (another process may start a second later), so is a refusal
+        box = [(str(run) if run is not None else None, problem)]
+        dist.broadcast_object_list(box, src=0)
+        name, problem = box[0]
+        run = Path(name) if name else None
+    if problem:
+        raise SystemExit(problem)
+    assert run is not None
     cfg.out = str(run)
     if is_main():
         atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -527,10 +527,10 @@ def test_demo_run_again_reuses_or_continues_its_pretraining(tmp_path, capsys):
     assert "finished pretraining: reusing it" in capsys.readouterr().out
     # the ablation's folder holding the default run: not the pretraining the demo asks for
     with pytest.raises(ev.EvaluationError, match=r"mlvicx holds a run that is not this demo's pretraining "
-                                                 r"\(its lambda_ differ\); remove it or give demo another --out"):
+                                                 r"\(--lambda 0.0 \(the run: 1.0\)\); remove it or give demo another --out"):
         ev._demo_pretraining(run, ["--lambda", "0"])
     (run / "config.json").write_text(json.dumps(dict(config, seed=4, epochs=1)))
-    with pytest.raises(ev.EvaluationError, match=r"\(its epochs, seed differ\)"):
+    with pytest.raises(ev.EvaluationError, match=r"\(--epochs \d+ \(the run: 1\); --seed 0 \(the run: 4\)\)"):
         ev._demo_pretraining(run, [])
     # a config.json of an older version, without the options added since, is the same pretraining
     older = {k: v for k, v in config.items() if k != "init"}
@@ -538,7 +538,7 @@ def test_demo_run_again_reuses_or_continues_its_pretraining(tmp_path, capsys):
     assert ev._demo_pretraining(run, []) is None
     if config["phantom_size"] != 256:  # one without phantom_size read the 256 px set: another pretraining
         (run / "config.json").write_text(json.dumps({k: v for k, v in older.items() if k != "phantom_size"}))
-        with pytest.raises(ev.EvaluationError, match=r"\(its phantom_size differ\)"):
+        with pytest.raises(ev.EvaluationError, match=r"\(--phantom-size \d+ \(the run: 256\)\)"):
             ev._demo_pretraining(run, [])
     # stopped before its first checkpoint: nothing to continue
     (run / "config.json").write_text(json.dumps(config))

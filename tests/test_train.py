@@ -284,6 +284,84 @@ def test_a_new_run_never_replaces_another_run(phantom_npy, tmp_path, monkeypatch
     assert first.is_dir() and second.is_dir()
 
 
+def test_resume_of_a_moved_checkpoint_writes_over_no_other_run(phantom_npy, tmp_path, capsys):
+    """A checkpoint copied out of its run folder continues in the folder it was saved from, but only
+    while that folder holds the same run (or none): another run there since is refused."""
+    import shutil
+
+    args = ["--data", str(phantom_npy), *TINY]
+    run = tmp_path / "run"
+    assert train.main([*args, "--out", str(run), "--max-steps", "2"]) == 0
+    copy = tmp_path / "copy.pt"
+    shutil.copy(run / "checkpoints" / "ckpt-00000002.pt", copy)
+    assert train.main(["--resume", str(copy), "--max-steps", "3"]) == 0  # its own folder, the same run
+    assert [r["step"] for r in _rows(run)] == ["1", "2", "3"]
+    shutil.rmtree(run)
+    assert train.main([*args, "--out", str(run), "--max-steps", "2", "--seed", "5"]) == 0  # another run there now
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match=rf"--out {re.escape(str(run))} already holds a run .*give another --out"):
+        train.main(["--resume", str(copy), "--max-steps", "3"])
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    assert train.main(["--resume", str(copy), "--max-steps", "3", "--out", str(tmp_path / "elsewhere")]) == 0
+    shutil.rmtree(run)  # an emptied folder is free again
+    assert train.main(["--resume", str(copy), "--max-steps", "3"]) == 0 and (run / "final.pt").is_file()
+
+
+def test_a_folder_being_written_is_refused_naming_the_writer(phantom_npy, tmp_path):
+    """Two runs on one folder at once (the same command in two terminals, a resume of a run still
+    going) would write one set of checkpoints: the second stops, naming the first's pid."""
+    run = tmp_path / "run"
+    args = ["--data", str(phantom_npy), "--out", str(run), "--max-steps", "1", *TINY]
+    run.mkdir()
+    lock = train.lock_run_folder(run)
+    assert lock is not None
+    try:
+        with pytest.raises(SystemExit, match=rf"{re.escape(str(run))} is being written by another run "
+                                             rf"\(pid {os.getpid()} on .*\); wait for it to end, or give another --out"):
+            train.main(args)
+        assert not (run / "config.json").exists()
+    finally:
+        lock.close()
+    assert train.main(args) == 0  # the lock went with its holder
+    assert train.main(["--resume", str(run), "--max-steps", "2"]) == 0  # and each run's with it
+
+
+def test_a_torchrun_restart_continues_from_the_newest_checkpoint(phantom_npy, tmp_path, monkeypatch, capsys):
+    """torchrun --max-restarts starts the same command again after a process failed: it continues
+    the run from its folder's newest checkpoint (the run's folder: config.json holds the same run),
+    or starts it again in place when none was written; a folder of another run is refused as before."""
+    args = ["--data", str(phantom_npy), *TINY]
+    assert train.main([*args, "--out", str(tmp_path / "whole"), "--max-steps", "4"]) == 0
+    run = tmp_path / "run"
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert train.main([*args, "--out", str(run), "--max-steps", "2"]) == 0  # the attempt that "failed" after step 2
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train.main([*args, "--out", str(run), "--max-steps", "4"]) == 0
+    assert f"torchrun restart 1: continuing from {run / 'checkpoints' / 'ckpt-00000002.pt'}" in capsys.readouterr().out
+    assert [(r["step"], r["loss"]) for r in _rows(run)] == [(r["step"], r["loss"]) for r in _rows(tmp_path / "whole")]
+    # a restart of a resumed run takes the newer checkpoint the earlier attempt wrote, not the one resumed from
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    first = str(run / "checkpoints" / "ckpt-00000002.pt")
+    assert train.main(["--resume", first, "--max-steps", "5"]) == 0
+    assert "continuing from " + str(run / "checkpoints" / "ckpt-00000004.pt") in capsys.readouterr().out
+    assert [r["step"] for r in _rows(run)] == ["1", "2", "3", "4", "5"]
+    assert not list((run / "checkpoints").glob("abandoned-*"))
+    # killed before its first checkpoint: the logged steps are its own, it starts again in place
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "config.json").write_text((run / "config.json").read_text().replace(str(run), str(early)))
+    (early / "log.csv").write_text("step,loss\n1,0.5\n")
+    assert train.main([*args, "--out", str(early), "--max-steps", "2"]) == 0
+    assert "no checkpoint of this run yet; starting it again" in capsys.readouterr().out
+    assert [r["step"] for r in _rows(early)] == ["1", "2"]
+    # another run's folder stays refused
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train.main([*args, "--out", str(early), "--max-steps", "2", "--seed", "9"])
+    with pytest.raises(SystemExit, match=r"torchrun --max-restarts: give --out \(or --resume\)"):
+        train.main(args)
+
+
 def test_resume_says_what_it_does_differently(tmp_path):
     saved = dataclasses.asdict(train.Config(device="cuda", precision="bf16", channels_last=True,
                                             data=str(tmp_path / "a")))
@@ -657,6 +735,14 @@ def test_torchrun_two_cpu_processes_end_to_end(phantom_npy, tmp_path):
     assert load(run / "final.pt")["step"] == 3 and (run / "loss.png").is_file()
 
 
+def _has_rank(parent: int, rank: int) -> bool:
+    try:
+        _rank_pid(parent, rank)
+        return True
+    except AssertionError:
+        return False
+
+
 def _rank_pid(parent: int, rank: int) -> int:
     """The pid of the torchrun worker with RANK=rank among parent's children."""
     for proc in Path("/proc").iterdir():
@@ -696,6 +782,57 @@ def test_torchrun_stop_is_taken_by_every_process_after_the_same_step(phantom_npy
     saved = sorted((run / "checkpoints").iterdir())
     assert saved and load(saved[-1])["reason"] == "interrupt" and load(saved[-1])["step"] == step
     assert int(_rows(run)[-1]["step"]) == step
+
+
+@pytest.mark.distributed
+def test_torchrun_restarts_a_killed_process_and_the_run_continues(phantom_npy, tmp_path):
+    """A process killed outright (no checkpoint on the way out): torchrun --max-restarts starts both
+    again and they continue from the newest checkpoint; no step is logged twice."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+           "--monitor-interval", "0.2", "--master-port", str(_free_port()), "-m", "mlvicx_fast.train",
+           "--data", str(phantom_npy), "--out", str(run), *TINY, "--epochs", "50", "--max-steps", "16",
+           "--ckpt-every", "2"]
+    proc = _start_and_wait(cmd, run, start_new_session=True)
+    workers = []  # torchrun starts each in a session of its own: killed one by one if the test fails
+    try:
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and not list(run.glob("checkpoints/ckpt-*.pt")):
+            time.sleep(0.1)
+        workers = [_rank_pid(proc.pid, 0), _rank_pid(proc.pid, 1)]
+        os.kill(workers[1], signal.SIGKILL)
+        time.sleep(1)
+        workers += [_rank_pid(proc.pid, r) for r in (0, 1) if _has_rank(proc.pid, r)]  # the restarted ones
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        for pid in [proc.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 0, out[-3000:]
+    assert re.search(r"torchrun restart 1: continuing from \S*ckpt-\d+\.pt", out), out[-3000:]
+    assert [int(r["step"]) for r in _rows(run)] == list(range(1, 17))
+    assert load(run / "final.pt")["step"] == 16
+
+
+@pytest.mark.distributed
+def test_torchrun_stops_every_process_when_rank_0_cannot_take_the_folder(phantom_npy, tmp_path):
+    """Rank 0 alone claims the run folder; when it cannot (another run is writing it), every process
+    stops with its reason instead of waiting for rank 0's answer."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = train.lock_run_folder(run)
+    try:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                            str(_free_port()), "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out", str(run),
+                            "--max-steps", "1", *TINY], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    finally:
+        lock.close()
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and out.count("is being written by another run") >= 2, out[-3000:]
+    assert not (run / "config.json").exists()
 
 
 @pytest.mark.parametrize("flag, absent", [("--lambda", "multi"), ("--global-weight", "global")])
