@@ -16,7 +16,7 @@ PARSERS = {"mlvicx_fast.train": train.build_parser, "mlvicx_fast.evaluate": eval
            "mlvicx_fast.data.prepare": prepare.build_parser}
 # options of other programs the README names: setup.sh, pip, torchrun, the benchmark scripts
 EXTERNAL = {"--dev", "--help", "--index-url", "--nproc-per-node", "--nnodes", "--rdzv-backend",
-            "--rdzv-endpoint", "--rdzv-id", "--quick", "--run", "--arch"}
+            "--rdzv-endpoint", "--rdzv-id", "--max-restarts", "--quick", "--run", "--arch"}
 
 
 def blocks(lang):
