@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.loader import upload
+from .data.loader import drop_numba_finalizer_errors, upload
 from .metrics import EarlyStopping, accuracy, auc_table, dice_per_image, mean_or_none, mean_std_cell, paired_ttest
 from .ops.augment import IMAGENET_MEAN, IMAGENET_STD  # the loader's normalisation
 from .progress import progress as progress_bar
@@ -1681,6 +1681,7 @@ def run_demo(out: PathLike, seeds: Sequence[int] = (0, 1, 2), ablations: bool = 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    drop_numba_finalizer_errors()  # see mlvicx_fast/data/loader.py
     try:
         _require_eval_packages()
         if args.command in ("cls", "seg", "demo", "heatmap") and \

@@ -908,7 +908,9 @@ def _train(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         make_deterministic()
-    from .data.loader import make_loader, resolve_device
+    from .data.loader import drop_numba_finalizer_errors, make_loader, resolve_device
+
+    drop_numba_finalizer_errors()  # see mlvicx_fast/data/loader.py
 
     device = resolve_device(cfg.device)  # cuda gets its index, as the loader's batches have
     if device.type == "cuda":

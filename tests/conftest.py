@@ -98,3 +98,13 @@ def torch_threads_left_alone():
 def pytest_report_header(config):
     mode = "compiled on CUDA" if torch.cuda.is_available() else "TRITON_INTERPRET=1 (CPU interpreter)"
     return f"mlvicx_fast tests: torch {torch.__version__}; Triton kernels {mode}"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """Wrap pytest's unraisable-exception hook (installed in its own pytest_configure) in the one the
+    CLIs install, so numba's harmless finalizer KeyError under FFCV (see
+    mlvicx_fast/data/loader.py) is not reported as a warning; every other one still is."""
+    from mlvicx_fast.data.loader import drop_numba_finalizer_errors
+
+    drop_numba_finalizer_errors()

@@ -5,13 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mlvicx_fast.data.loader import ffcv_available, fraction_indices, make_loader
+from mlvicx_fast.data.loader import drop_numba_finalizer_errors, ffcv_available, fraction_indices, make_loader
 from mlvicx_fast.data.prepare import prepare
 from mlvicx_fast.ops.augment import eval_transform
 
@@ -253,3 +254,43 @@ def test_segment_masks_resized_at_pixel_centres_as_their_images(tmp_path):
         mask_edge = m[:, 0, size // 2].argmax(dim=1)
         off += int((img_edge - mask_edge).abs().gt(0).sum())
     assert off <= n // 10, off
+
+
+def test_only_numbas_finalizer_key_error_is_dropped(monkeypatch, tmp_path):
+    """The CLIs' unraisable hook drops a KeyError raised in the `finalizer` of numba/core/dispatcher.py
+    (what numba's dispatcher finalizer does now and then under FFCV) and passes on everything else:
+    another exception from that finalizer, a KeyError from any other function or file."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append((type(u.exc_value), *_last_frame(u.exc_traceback))))
+    drop_numba_finalizer_errors()
+    hook = sys.unraisablehook
+    drop_numba_finalizer_errors()
+    assert sys.unraisablehook is hook, "a second call wrapped the hook again"
+
+    def load(path, src):
+        ns = {}
+        exec(compile(src, str(path), "exec"), ns)
+        return ns
+
+    numba_like = load(tmp_path / "numba" / "core" / "dispatcher.py",
+                      "def finalizer():\n    raise KeyError(('array(uint8, 1d, C)', 'array(uint8, 1d, C)'))\n"
+                      "def other():\n    raise KeyError('k')\n"
+                      "def finalizer_value():\n    raise ValueError('v')\n")
+    numba_like["finalizer_value"].__code__ = numba_like["finalizer_value"].__code__.replace(co_name="finalizer")
+    ours = load(tmp_path / "numba" / "core" / "ours.py", "def finalizer():\n    raise KeyError('k')\n")
+
+    class Obj:
+        pass
+
+    for func in (numba_like["finalizer"], numba_like["other"], numba_like["finalizer_value"], ours["finalizer"]):
+        obj = Obj()
+        weakref.finalize(obj, func)
+        del obj  # the finalizer runs here and its exception reaches sys.unraisablehook
+    assert seen == [(KeyError, "dispatcher.py", "other"), (ValueError, "dispatcher.py", "finalizer"),
+                    (KeyError, "ours.py", "finalizer")]
+
+
+def _last_frame(tb):
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).name, tb.tb_frame.f_code.co_name

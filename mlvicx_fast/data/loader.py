@@ -37,6 +37,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -68,6 +69,40 @@ def keep_torch_threads():
     finally:
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
+
+
+def drop_numba_finalizer_errors() -> None:
+    """Keep numba's failing dispatcher finalizer from printing a traceback (the CLIs call this).
+
+    FFCV compiles its pipeline functions with numba, fresh for every Loader; when an old one is
+    garbage collected, numba's finalizer walks its overloads to unregister them from numba's
+    target context, and now and then that walk fails with a KeyError (numba 0.68.1, FFCV 1.0.2: in
+    one of two built-in evaluation demos on 2026-12-04, and in the loader tests). Python then
+    prints "Exception ignored in: <finalize object ...>" and numba's traceback in the middle of a
+    run's output. The dead functions stay registered (a little memory); nothing a run computes
+    changes. This wraps sys.unraisablehook so that exactly that report (a KeyError raised in the
+    `finalizer` of numba/core/dispatcher.py) is dropped and every other one goes to the hook that
+    was installed before. Calling it again does nothing."""
+    prev = sys.unraisablehook
+    if getattr(prev, "_drops_numba_finalizer_errors", False):
+        return
+
+    def hook(unraisable):
+        if not _is_numba_finalizer_error(unraisable):
+            prev(unraisable)
+
+    hook._drops_numba_finalizer_errors = True
+    sys.unraisablehook = hook
+
+
+def _is_numba_finalizer_error(unraisable) -> bool:
+    tb = unraisable.exc_traceback
+    if not isinstance(unraisable.exc_value, KeyError) or tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return code.co_name == "finalizer" and code.co_filename.replace(os.sep, "/").endswith("numba/core/dispatcher.py")
 
 
 def ffcv_available() -> bool:

@@ -37,7 +37,7 @@ from ..checkpoint import atomic_write_text
 from ..progress import progress as progress_bar
 from .datasets import SCANNERS, LabelFileError, Record, Scan
 from .images import ImageError, MissingDecoderError, fit_square, fit_square_mask, read_image, rle_decode
-from .loader import ffcv_available, keep_torch_threads
+from .loader import drop_numba_finalizer_errors, ffcv_available, keep_torch_threads
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("jpg", "raw", "npy")
@@ -437,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    drop_numba_finalizer_errors()  # FFCV's writer compiles with numba too
     fmt = args.fmt or ("jpg" if ffcv_available() else "npy")
     common = dict(size=args.size, fmt=fmt, workers=args.workers, strict=args.strict, limit=args.limit,
                   seed=args.seed, progress=not args.quiet)
