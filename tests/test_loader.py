@@ -26,13 +26,14 @@ needs_ffcv = pytest.mark.skipif(not HAS_FFCV, reason="ffcv is not installed (scr
 def no_threads_left():
     """FFCV prefetches in daemon threads; let them end before pytest's own teardown imports
     (CPython 3.11.7 can raise 'AST constructor recursion depth mismatch' when code is compiled
-    in two threads at once)."""
+    in two threads at once). Not tqdm's monitor thread: it lives for the whole session in 10 s
+    sleeps, and joining it added 10 s to every run."""
     yield
     import gc
     import threading
     gc.collect()
     for t in threading.enumerate():
-        if t is not threading.main_thread() and t.daemon:
+        if t is not threading.main_thread() and t.daemon and type(t).__name__ != "TMonitor":
             t.join(timeout=10)
 
 
