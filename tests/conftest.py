@@ -67,6 +67,34 @@ from mlvicx_fast.ops._triton import HAS_TRITON, interpreting  # noqa: E402 (afte
 if HAS_TRITON and interpreting() and INTERPRET_ORDER != "forward":
     _permute_interpreter_programs()
 
+if HAS_TRITON and interpreting():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loop_over_a_loaded_bound(n_ptr, out_ptr):
+        acc = 0
+        for _ in range(0, tl.load(n_ptr)):
+            acc += 1
+        tl.store(out_ptr, acc)
+
+
+def _interpreter_problem():
+    """Why Triton's interpreter cannot run this package's kernels here, or None.
+
+    Triton 3.6's interpreter turns a loaded scalar into a Python int through numpy's conversion of a
+    1-element array, an error from numpy 2.4 on; every kernel with a loop over a loaded bound then
+    fails (160 tests, seen 2026-12-04 with triton 3.6.0 and numpy 2.4.6 and 2.5.5; triton 3.9.0
+    with numpy 2.4.6 is fine). One tiny launch tells, whatever the versions."""
+    if not (HAS_TRITON and interpreting()):
+        return None
+    n, out = torch.tensor([3], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_over_a_loaded_bound[(1,)](n, out)
+    except Exception as e:  # noqa: BLE001 - any failure is the message
+        return f"{type(e).__name__}: {e}"
+    return None if out.item() == 3 else f"the loop ran {out.item()} times instead of 3"
+
 
 @pytest.fixture(autouse=True)
 def fresh_seed(request):
@@ -104,7 +132,15 @@ def pytest_report_header(config):
 def pytest_configure(config):
     """Wrap pytest's unraisable-exception hook (installed in its own pytest_configure) in the one the
     CLIs install, so numba's harmless finalizer KeyError under FFCV (see
-    mlvicx_fast/data/loader.py) is not reported as a warning; every other one still is."""
+    mlvicx_fast/data/loader.py) is not reported as a warning; every other one still is. Then stop
+    with the reason if Triton's interpreter cannot run the kernels here (instead of 160 failures)."""
     from mlvicx_fast.data.loader import drop_numba_finalizer_errors
 
     drop_numba_finalizer_errors()
+    problem = _interpreter_problem()
+    if problem:
+        import triton
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s CPU interpreter cannot run this package's kernels beside numpy "
+            f"{np.__version__} ({problem}). Use triton>=3.9 (scripts/setup.sh --dev installs triton==3.9.0 beside "
+            "a CPU torch) or numpy<2.4, or run the tests on a GPU, where the kernels are compiled.")
