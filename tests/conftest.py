@@ -141,6 +141,7 @@ def pytest_configure(config):
     if problem:
         import triton
         raise pytest.UsageError(
-            f"Triton {triton.__version__}'s CPU interpreter cannot run this package's kernels beside numpy "
-            f"{np.__version__} ({problem}). Use triton>=3.9 (scripts/setup.sh --dev installs triton==3.9.0 beside "
-            "a CPU torch) or numpy<2.4, or run the tests on a GPU, where the kernels are compiled.")
+            f"Triton {triton.__version__}'s CPU interpreter failed a one-loop test kernel here, beside numpy "
+            f"{np.__version__} ({problem}), so it cannot run this package's kernels. Triton 3.6 (torch 2.11's) "
+            "fails so with numpy >= 2.4: use triton>=3.9 (scripts/setup.sh --dev installs triton==3.9.0 beside a "
+            "CPU torch) or numpy<2.4, or run the tests on a GPU, where the kernels are compiled.")
