@@ -87,6 +87,10 @@ class Config:
              "checkpoint or run folder (its backbone only)"))
     precision: str = field(default="auto", metadata=dict(
         choices=["auto", "bf16", "fp16", "fp32"], help="autocast precision (auto: bf16 on GPU, fp32 on CPU)"))
+    fp32_heads: Optional[bool] = field(default=None, metadata=dict(
+        help="run the two expanders in float32 under bf16/fp16 autocast (default: on a CPU, where bf16 expanders "
+             "lowered the demo's probe margin at each of three seeds and fp32 ones cost no time; off on a GPU, "
+             "where neither the gain nor the cost is measured yet)"))
     compile: bool = field(default=False, metadata=dict(
         help="torch.compile the network (off by default until measured together with the CUDA graph)"))
     cuda_graph: Optional[bool] = field(default=None, metadata=dict(
@@ -265,6 +269,8 @@ def resolve(cfg: Config) -> Config:
     cfg.device = ("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device
     if cfg.precision == "auto":
         cfg.precision = "bf16" if cuda else "fp32"
+    if cfg.fp32_heads is None:
+        cfg.fp32_heads = not cuda and cfg.precision != "fp32"
     if cfg.cuda_graph is None:
         cfg.cuda_graph = cuda
     if cfg.cuda_graph and not cuda:
@@ -344,7 +350,7 @@ def model_args(cfg: Config) -> Dict[str, Any]:
 def build_model(cfg: Config) -> torch.nn.Module:
     from .models.mlvicx import MLVICX
 
-    model = MLVICX(**model_args(cfg), backend=cfg.backend, aggregation=cfg.aggregation)
+    model = MLVICX(**model_args(cfg), backend=cfg.backend, aggregation=cfg.aggregation, fp32_heads=cfg.fp32_heads)
     return model
 
 
@@ -596,10 +602,10 @@ def plot_losses(run: Path) -> Optional[Path]:
 # Resume
 # --------------------------------------------------------------------------------------------
 # options that may change when a run is continued (when given); everything else comes from the
-# checkpoint. The last four change how a step runs, not what it computes (precision changes its
-# rounding): a run moved from a GPU to a CPU needs them.
+# checkpoint. The last five change how a step runs, not what it computes (precision and fp32_heads
+# change its rounding): a run moved from a GPU to a CPU needs them.
 RESUME_OVERRIDES = ("resume", "out", "max_steps", "workers", "log_every", "ckpt_every", "keep", "device", "quiet",
-                    "cuda_graph", "compile", "channels_last", "precision",
+                    "cuda_graph", "compile", "channels_last", "precision", "fp32_heads",
                     "data")  # the same dataset moved (its steps per epoch are checked against the run's)
 
 
@@ -663,10 +669,12 @@ def resume_config(given: Dict[str, Any], ckpt_path: Path, saved: Dict[str, Any])
 
 def saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
     """A configuration saved by any version, complete: the options added since had their defaults
-    (and a built-in run from before 2026-12-02 read the 256 px phantom set)."""
+    (and a built-in run from before 2026-12-02 read the 256 px phantom set, one from before
+    2026-12-04 ran its expanders in the autocast dtype)."""
     out = dataclasses.asdict(Config())
     if saved.get("data") is None and "phantom_size" not in saved:
         out["phantom_size"] = 256
+    out["fp32_heads"] = False
     out.update({k: v for k, v in saved.items() if k in out})
     return out
 
@@ -836,7 +844,7 @@ def resume_notes(saved: Dict[str, Any], cfg: Config, data_given: bool = True) ->
     elif cfg.precision != "fp32" and not on_cuda(cfg.device) and on_cuda(str(saved.get("device", "cpu"))):
         notes.append(f"the run's {cfg.precision} autocast continues on the CPU (--precision fp32 changes it; "
                      "the steps then round differently)")
-    for name, flag in (("channels_last", "--channels-last"), ("compile", "--compile")):
+    for name, flag in (("channels_last", "--channels-last"), ("compile", "--compile"), ("fp32_heads", "--fp32-heads")):
         if bool(saved.get(name)) != bool(getattr(cfg, name)):
             state = flag if getattr(cfg, name) else "--no-" + flag[2:]
             notes.append(f"{state}, unlike the run: the same steps, rounded slightly differently")

@@ -260,3 +260,24 @@ def test_network_compiles_channels_last():
     for p, g in zip(model.parameters(), grads):
         if g.norm() > 1e-3:
             assert rel_err(p.grad, g) < 1e-3
+
+
+def test_fp32_heads_run_the_expanders_in_float32_under_autocast():
+    """fp32_heads=True: under bf16 autocast the backbone and context blocks keep bf16, and both
+    expanders take their inputs cast up and run in float32 (what train's --fp32-heads
+    sets); gradients reach the backbone through the cast."""
+    model = MLVICX(preset="official", dim=48, backend="torch", fp32_heads=True)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, m = model(x)
+        taps = model.forward_taps(x)
+        g = torch.flatten(model.backbone.avgpool(taps[-1]), 1)
+        a = model.aggregation(taps)
+    assert g.dtype == torch.bfloat16 and z.dtype == m.dtype == torch.float32
+    with torch.no_grad():  # the same batch: train-mode BN normalises with its statistics again
+        z_ref, m_ref = model.global_expander(g.float()), model.multilevel_expander(a.float())
+    assert rel_err(z, z_ref) < 1e-6 and rel_err(m, m_ref) < 1e-6
+    (z.sum() + m.sum()).backward()
+    grad = model.backbone.conv1.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert "fp32_heads=True" in repr(model)

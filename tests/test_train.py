@@ -896,3 +896,22 @@ def test_resumed_logs_are_on_disk_before_the_first_new_row(tmp_path):
         assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".*.tmp"))  # no temporary left
     finally:
         resumed.close()
+
+
+def test_fp32_heads_default_and_resume():
+    """--fp32-heads: on by default under bf16/fp16 autocast on a CPU, off in fp32 and when given off;
+    a run saved before the option ran its expanders in the autocast dtype, and resuming keeps that
+    unless --fp32-heads is given again (then the resume says so)."""
+    assert train.resolve(train.Config(device="cpu", precision="bf16")).fp32_heads is True
+    assert train.resolve(train.Config(device="cpu", precision="fp16")).fp32_heads is True
+    assert train.resolve(train.Config(device="cpu")).fp32_heads is False  # auto: fp32 on a CPU
+    assert train.resolve(train.Config(device="cpu", precision="bf16", fp32_heads=False)).fp32_heads is False
+    assert train.given_options(["--no-fp32-heads"]) == {"fp32_heads": False}
+    old = dataclasses.asdict(train.resolve(train.Config(device="cpu", precision="bf16")))
+    del old["fp32_heads"]
+    assert train.saved_config(old)["fp32_heads"] is False
+    cfg = train.resolve(train.Config(**train.saved_config(old)))
+    assert cfg.fp32_heads is False and train.resume_notes(old, cfg) == []
+    given = train.Config(**dict(train.saved_config(old), fp32_heads=True))
+    assert train.resume_notes(old, given) == ["--fp32-heads, unlike the run: the same steps, rounded slightly differently"]
+    assert "fp32_heads" in train.RESUME_OVERRIDES
