@@ -281,6 +281,35 @@ def test_compiles_without_graph_break():
     assert torch.allclose(a.grad.double(), 2.0 * r1, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("layout", ["column-major", "sliced"])
+def test_custom_op_outputs_match_its_fake(backend, layout):
+    """torch.compile (inductor) plans buffers from the op's fake outputs and checks the real ones
+    against them: the gradients must come back contiguous whatever the inputs' strides (the torch
+    backend returned a transposed input's strides, and inductor aborted)."""
+    z1, z2 = rand_pair(40, 16, TRITON_DEVICE if backend == "triton" else "cpu")
+    if layout == "column-major":
+        z1, z2 = z1.T.contiguous().T, z2.T.contiguous().T
+    else:
+        z1, z2 = (torch.cat([z, z], dim=1)[:, ::2] for z in (z1, z2))
+    assert not z1.is_contiguous()
+    # the autograd checks would trip over the op's design (backward scales its saved outputs in place)
+    torch.library.opcheck(torch.ops.mlvicx_fast.vicreg_fwd.default, (z1, z2, 25.0, 25.0, 1.0, 1e-4, True, backend),
+                          test_utils="test_faketensor")
+
+
+def test_loss_can_be_changed_in_place():
+    """loss /= accumulation_steps: the loss is a tensor of its own, not a view of the op's output."""
+    z1, z2 = rand_pair(8, 12, "cpu")
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    loss = vicreg_loss(a, b, backend="torch")
+    loss /= 4.0
+    loss.backward()
+    _, _, r1, r2 = reference(z1, z2)
+    assert torch.allclose(a.grad.double(), r1 / 4.0, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(b.grad.double(), r2 / 4.0, rtol=1e-4, atol=1e-7)
+
+
 def test_auto_backend_choice():
     z = torch.randn(4, 8)
     assert resolve_backend("auto", z, z) == "torch"  # CPU tensors never go to the interpreter on their own
@@ -424,10 +453,35 @@ def test_fp32_dot_choice_is_checked(monkeypatch):
     assert fp32_dot_precision() == "fp16x3"
 
 
+@pytest.mark.parametrize("setting, expected", [
+    (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"), "tf32"),  # torch >= 2.9's API
+    (lambda: setattr(torch.backends, "fp32_precision", "tf32"), "tf32"),  # its global form, inherited
+    (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee"), "tf32x3"),
+    (lambda: torch.set_float32_matmul_precision("high"), "tf32"),  # the older API
+    (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", False), "tf32x3"),
+], ids=["matmul-tf32", "global-tf32", "matmul-ieee", "set_float32_matmul_precision", "allow_tf32-off"])
+def test_fp32_dot_follows_torchs_tf32_setting(monkeypatch, setting, expected):
+    """On a GPU the loss follows the user's TF32 choice, whichever of torch's APIs set it: reading
+    the older allow_tf32 raised once the newer fp32_precision had been set (every loss call failed)."""
+    from mlvicx_fast.ops import _triton
+
+    monkeypatch.delenv("MLVICX_FP32_DOT", raising=False)
+    monkeypatch.setattr(_triton, "interpreting", lambda: False)  # the GPU branch, on any machine
+    before = torch.get_float32_matmul_precision()
+    try:
+        setting()
+        assert _triton.fp32_dot_precision() == expected
+    finally:  # torch refuses to read the older API after the newer one set what it would not say
+        torch.set_float32_matmul_precision(before)
+        torch.backends.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "none"
+    assert torch.backends.cuda.matmul.allow_tf32 == (before != "highest")  # readable again for later tests
+
+
 @pytest.mark.triton
 def test_host_work_per_call_of_the_narrow_path():
     """Eager forward + backward at b <= min(r, 128): two Triton launches, four allocations (workspace,
-    out, two gradients), the loss/terms views, and the two in-place scales of backward; no custom op.
+    out, two gradients), the terms view and the loss's copy, and the two in-place scales of backward;
+    no custom op.
     (ones_like is backward()'s own seed.) A change that adds host work per call fails here."""
     z1, z2 = rand_pair(24, 100, TRITON_DEVICE)
     z1.requires_grad_()
@@ -443,16 +497,20 @@ def test_host_work_per_call_of_the_narrow_path():
     assert counted["names"]["aten::empty"] == 4, counted["names"]
     assert set(counted["names"]) == {
         "aten::empty", "triton::_narrow_stats_gram_kernel", "triton::_narrow_grad_kernel", "aten::slice",
-        "aten::select", "aten::ones_like", "aten::mul_"}, counted["names"]
+        "aten::select", "aten::clone", "aten::ones_like", "aten::mul_"}, counted["names"]
 
 
 def test_narrow_path_limit_by_device(monkeypatch):
-    """b up to 128 takes the narrow path on Hopper; before sm_90 only up to 64 (a 128-row tile spills
-    on sm_86 and needs 160 KB of shared memory, more than RTX 30xx/40xx have)."""
+    """b up to 128 takes the narrow path on Hopper and Blackwell data-centre parts; before sm_90
+    only up to 64 (a 128-row tile spills on sm_86), and on sm_120 too: the 128-row tile needs 160 KB
+    of shared memory, more than RTX 30xx/40xx/50xx have (99 KB)."""
     import mlvicx_fast.ops.vicreg as vicreg
 
     cuda = torch.device("cuda", 0)
-    for cap, want in (((9, 0), 128), ((10, 0), 128), ((8, 0), 64), ((8, 6), 64)):
+    h100, rtx = 232448, 101376  # bytes of opt-in shared memory per block
+    for cap, shared, want in (((9, 0), h100, 128), ((10, 0), h100, 128), ((8, 0), 166912, 64), ((8, 6), rtx, 64),
+                              ((12, 0), rtx, 64), ((9, 0), 0, 64)):
         monkeypatch.setattr(vicreg, "_cuda_capability", lambda index, cap=cap: cap)
-        assert vicreg._narrow_limit(cuda) == want
+        monkeypatch.setattr(vicreg, "_cuda_shared_per_block", lambda index, shared=shared: shared)
+        assert vicreg._narrow_limit(cuda) == want, (cap, shared)
     assert vicreg._narrow_limit(torch.device("cpu")) == vicreg.NARROW_MAX_B  # the interpreter

@@ -53,7 +53,8 @@ def fp32_dot_precision() -> str:
     """How the loss kernels multiply float32 tiles (their PREC argument).
 
     On a GPU: 'tf32x3' (three TF32 tensor-core products, close to float32 accuracy), or single
-    TF32 when the user turned on ``torch.backends.cuda.matmul.allow_tf32``. MLVICX_FP32_DOT picks
+    TF32 when the user allowed TF32 for float32 matmuls (``torch.set_float32_matmul_precision``,
+    ``torch.backends.cuda.matmul.allow_tf32`` or ``.fp32_precision``). MLVICX_FP32_DOT picks
     one explicitly: 'fp16x3' scales each operand by a power of two into float16's range, splits it
     into two float16 parts (22 significant bits, as many as 'tf32x3') and adds three float16
     products, at half the tensor-core cost (float16 runs at twice the TF32 rate); 'ieee' uses no
@@ -67,4 +68,14 @@ def fp32_dot_precision() -> str:
         return choice
     if interpreting():
         return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "tf32" if _matmul_allows_tf32() else "tf32x3"
+
+
+def _matmul_allows_tf32() -> bool:
+    """torch's TF32 setting for float32 CUDA matmuls. Read through ``fp32_precision`` (torch >= 2.9),
+    which also reflects the older settings; reading ``allow_tf32`` raises once the newer setting
+    was used (torch refuses a mix of the two APIs)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"  # "none" inherits torch.backends.fp32_precision, resolved here
+    return bool(matmul.allow_tf32)

@@ -26,7 +26,11 @@ accumulated in float32, so its absolute error is about 1e-7 * D even when the em
 nearly decorrelated (the off-diagonal part then is a tiny remainder of two large numbers).
 
 Inputs: two 2-D tensors of equal shape and floating dtype (float32, bfloat16, float16), any
-strides. Statistics accumulate in float32; gradients are returned in the input dtype.
+strides. Statistics accumulate in float32; gradients are returned in the input dtype. They are
+computed in the forward pass at dL/dloss = 1 and rounded to that dtype there, then scaled in
+backward: with float16 inputs under a GradScaler, elements below float16's normal range (2^-14)
+lose precision before the scale reaches them. Give float32 embeddings (``z.float()``, as the
+training loop does) where that matters.
 NaN or Inf anywhere in the inputs gives a NaN loss (never a silent zero).
 
 Backends:
@@ -651,7 +655,8 @@ def _gram_split(tiles: int, k_dim: int, bk: int):
 
 
 NARROW_MAX_B = 128  # b up to this (and b <= r) takes the two-launch path; its Gram matrix stays on chip
-NARROW_MAX_B_PRE_HOPPER = 64  # before sm_90 a 128-row tile spills (sm_86) or needs 160 KB of shared memory
+NARROW_MAX_B_SMALL = 64  # elsewhere: before sm_90 a 128-row tile spills (sm_86), and it needs
+NARROW_128_SHARED_BYTES = 163840  # this much shared memory per block (_narrow_grad_kernel, BM=128; sm_86/90/120)
 
 
 @functools.lru_cache(maxsize=None)
@@ -659,10 +664,20 @@ def _cuda_capability(index: int) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_shared_per_block(index: int) -> int:
+    """Shared memory one block may opt in to (0 where torch does not say)."""
+    return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
+
+
 def _narrow_limit(device: torch.device) -> int:
-    """The largest b of the narrow path on this device (see benchmarks/compile_check.py)."""
-    if device.type == "cuda" and _cuda_capability(device.index or 0) < (9, 0):
-        return min(NARROW_MAX_B, NARROW_MAX_B_PRE_HOPPER)
+    """The largest b of the narrow path on this device (see benchmarks/compile_check.py): 128 on
+    sm_90 and later with the shared memory for it (H100/H200, B200); 64 before sm_90 and on the
+    sm_120 cards (RTX 50xx: 99 KB per block)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if _cuda_capability(index) < (9, 0) or _cuda_shared_per_block(index) < NARROW_128_SHARED_BYTES:
+            return min(NARROW_MAX_B, NARROW_MAX_B_SMALL)
     return NARROW_MAX_B
 
 
@@ -859,7 +874,9 @@ def _forward_torch(z1, z2, sim, std, cov, eps, need_grad):
     out = torch.stack([loss, terms["inv"], terms["var"], terms["cov"]])
     if not need_grad:
         return out, z1.new_empty(0), z2.new_empty(0)
-    dz = [torch.zeros_like(z1) if g is None else g.to(z1.dtype) for g in grads]
+    # contiguous, as the custom op's fake says (elementwise ops on a transposed z1 keep its strides)
+    dz = [torch.zeros(z1.shape, dtype=z1.dtype, device=z1.device) if g is None
+          else g.to(z1.dtype).contiguous() for g in grads]
     return out, dz[0], dz[1]
 
 
@@ -920,7 +937,9 @@ class _VICRegFunction(torch.autograd.Function):
         terms = out[1:]
         ctx.mark_non_differentiable(terms)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the terms
-        return out[0], terms
+        # the loss as a tensor of its own: a view of out would refuse in-place changes
+        # (loss /= accumulation_steps) as a view made inside a custom Function
+        return out[0].clone(), terms
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_terms):
