@@ -240,20 +240,49 @@ def test_siim_stage2_file_in_absolute_form_is_read_as_such(tmp_path, fresh_seed)
             if rle != "-1":
                 full |= loop_rle_decode_absolute(rle, 1024, 1024)
         assert y[0] == int(full.any()) and np.array_equal(mask, fit_square_mask(full, 64)), iid
-    # forcing the other form: every positive is skipped with the reason and how to read it
-    s = prepare("siim", tmp_path / "siim", tmp_path / "out2", size=64, fmt="npy", workers=1, progress=False,
+    # forcing the other form: read as relative offsets the rows run far past every image, which stops
+    # the run (rather than skipping the positives one by one) and says how to read them
+    from mlvicx_fast.data.images import MaskError
+
+    with pytest.raises(MaskError, match=r"stage_2_train.csv reach pixel \d+ as relative RLE.*--rle absolute"):
+        prepare("siim", tmp_path / "siim", tmp_path / "out2", size=64, fmt="npy", workers=1, progress=False,
                 seed=fresh_seed, rle="relative")
-    assert s["rle_form"] == "relative"
-    assert all("--rle absolute" in why for why in s["skipped"]) and sum(s["skipped"].values()) > 0
+    assert not (tmp_path / "out2" / "meta.json").exists()
 
 
 def test_siim_mask_grid_for_downsized_copies(tmp_path, fresh_seed):
     """PNG copies at 256 px with the original 1024 x 1024 RLE rows: --mask-grid 1024 gives the
-    masks of the originals; without it, a mask that runs past the small image is skipped with a hint."""
+    masks of the originals; without it, or with a grid too small for the rows, the run stops with
+    a hint (a MaskError, before any output)."""
+    from mlvicx_fast.data.images import MaskError
+
     rng = np.random.default_rng(fresh_seed)
-    _, _, rows = excerpt_rows("siim_train-rle.csv.gz")
     root = tmp_path / "siim"
-    root.mkdir()
+    rles = _siim_png_copies(root, rng, 256)
+    s = prepare("siim", root, tmp_path / "out", size=64, fmt="npy", workers=2, progress=False, seed=fresh_seed,
+                mask_grid=1024)
+    assert s["mask_grid"] == 1024 and not s["skipped"]
+    assert max(_relative_end(v) for v in rles.values()) == s["rle_extent"] <= 1024 * 1024
+    for iid, (y, _, mask, _) in written(tmp_path / "out").items():
+        full = np.zeros((1024, 1024), np.uint8)
+        for rle in rles[iid]:
+            full |= loop_rle_decode(rle, 1024, 1024)
+        assert np.array_equal(mask, fit_square_mask(full, 64)), iid
+    with pytest.raises(MaskError, match=r"png/[0-9.]+\.png is 256x256, but the rows of .*train-rle.csv reach pixel "
+                                        r"\d+ as relative RLE.*--mask-grid 1024"):
+        prepare("siim", root, tmp_path / "out2", size=64, fmt="npy", workers=1, progress=False, seed=fresh_seed)
+    grid = int(rng.integers(300, 900))  # smaller than the excerpt's furthest run (890 of 1024 columns)
+    with pytest.raises(MaskError, match=rf"--mask-grid {grid}: the rows of .*train-rle.csv reach pixel .*--mask-grid 1024"):
+        prepare("siim", root, tmp_path / "out2", size=64, fmt="npy", workers=1, progress=False, seed=fresh_seed,
+                mask_grid=grid)
+    assert not (tmp_path / "out2" / "meta.json").exists() and not (tmp_path / "out2" / ".prepare_tmp").exists()
+
+
+def _siim_png_copies(root, rng, side, keep=lambda iid, rles: True):
+    """The real train-rle.csv rows (drawn on 1024 x 1024) beside side x side PNG copies of the images
+    for which keep(iid, rows) holds; returns {image id: [rle rows]}."""
+    _, _, rows = excerpt_rows("siim_train-rle.csv.gz")
+    root.mkdir(parents=True)
     rles = {}
     for iid, rle in rows:
         rles.setdefault(iid, []).append(rle.strip())
@@ -261,18 +290,95 @@ def test_siim_mask_grid_for_downsized_copies(tmp_path, fresh_seed):
         w = csv.writer(f)
         w.writerow(["ImageId", " EncodedPixels"])
         w.writerows(rows)
-    for iid in rles:
-        write_png(root / "png" / f"{iid}.png", rng.integers(0, 256, (256, 256), dtype=np.uint8))
-    s = prepare("siim", root, tmp_path / "out", size=64, fmt="npy", workers=2, progress=False, seed=fresh_seed,
-                mask_grid=1024)
-    assert s["mask_grid"] == 1024 and not s["skipped"]
+    for iid, lst in rles.items():
+        if keep(iid, lst):
+            write_png(root / "png" / f"{iid}.png", rng.integers(0, 256, (side, side), dtype=np.uint8))
+    return rles
+
+
+def _relative_end(lst):
+    """The pixel after the last run of these relative rows ('-1' rows reach nothing)."""
+    return max([int(np.array(r.split(), dtype=np.int64).sum()) for r in lst if r != "-1"] or [0])
+
+
+def test_siim_masks_that_fit_a_downsized_copy_by_chance_stop_the_run(tmp_path, fresh_seed):
+    """Downsized copies without --mask-grid where the only positives on disk are the few whose
+    1024-grid rows happen to fit the small image: decoded on the image's own grid their masks would
+    be wrong without any error. All rows of one file share one grid, so the run stops, naming the
+    image, the label file and --mask-grid 1024, and writes nothing."""
+    from mlvicx_fast.data.images import MaskError
+
+    rng = np.random.default_rng(fresh_seed)
+    side = int(rng.integers(512, 701))  # 1 to 17 of the excerpt's 40 positives fit a copy of this size
+    fits = lambda iid, lst: _relative_end(lst) <= side * side  # noqa: E731
+    rles = _siim_png_copies(tmp_path / "siim", rng, side, keep=fits)
+    on_disk = [i for i, lst in rles.items() if fits(i, lst)]
+    assert any(_relative_end(rles[i]) for i in on_disk) and len(on_disk) < len(rles)
+    with pytest.raises(MaskError, match=rf"png/[0-9.]+\.png.*{side}x{side}.*train-rle.csv.*--mask-grid 1024"):
+        prepare("siim", tmp_path / "siim", tmp_path / "out", size=32, fmt="npy", workers=int(rng.integers(1, 3)),
+                progress=False, seed=fresh_seed, balanced=False)
+    assert not (tmp_path / "out" / "meta.json").exists()
+    r = run_cli("siim", "--root", tmp_path / "siim", "--out", tmp_path / "o", "--format", "npy", "--size", "16",
+                "--quiet", "--workers", "1")
+    assert r.returncode == 1 and "--mask-grid 1024" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # with the grid the same files give the masks of the originals
+    s = prepare("siim", tmp_path / "siim", tmp_path / "out", size=32, fmt="npy", workers=1, progress=False,
+                seed=fresh_seed, balanced=False, mask_grid=1024)
+    assert sum(v["n"] for v in s["splits"].values()) == len(on_disk)
     for iid, (y, _, mask, _) in written(tmp_path / "out").items():
         full = np.zeros((1024, 1024), np.uint8)
         for rle in rles[iid]:
             full |= loop_rle_decode(rle, 1024, 1024)
-        assert np.array_equal(mask, fit_square_mask(full, 64)), iid
-    s = prepare("siim", root, tmp_path / "out2", size=64, fmt="npy", workers=1, progress=False, seed=fresh_seed)
-    assert s["skipped"] and all("--mask-grid 1024" in why for why in s["skipped"])
+        assert y[0] == int(full.any()) and np.array_equal(mask, fit_square_mask(full, 32)), iid
+
+
+def test_rle_absolute_rejects_runs_out_of_order(fresh_seed):
+    """Standard (absolute) RLE lists its runs in increasing order without overlap; relative offsets
+    read as positions mostly do not: rle_decode(form='absolute') says so instead of drawing garbage."""
+    rng = np.random.default_rng(fresh_seed)
+    raised = 0
+    for _ in range(30):
+        h, w = (int(v) for v in rng.integers(40, 200, 2))
+        m = np.zeros((h, w), np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            y, x = int(rng.integers(0, h - 8)), int(rng.integers(0, w - 8))
+            m[y:y + int(rng.integers(3, 30)), x:x + int(rng.integers(2, 30))] = 1
+        rel = rle_encode(m)
+        assert np.array_equal(rle_decode(rle_encode(m, "absolute"), h, w, "absolute"), m)
+        nums = np.array(rel.split(), dtype=np.int64)
+        st, ln = nums[0::2], nums[1::2]
+        if (st[1:] >= st[:-1] + ln[:-1]).all():
+            continue  # in order as positions too: a row alone cannot tell (the file's form can, rle_form)
+        raised += 1
+        with pytest.raises(ValueError, match=r"not in increasing order.*looks like.*relative.*--rle relative"):
+            rle_decode(rel, h, w, "absolute")
+    assert raised >= 20
+    a = int(rng.integers(1, 50))
+    with pytest.raises(ValueError, match="overlap"):
+        rle_decode(f"{a} 10 {a + 9} 2", 64, 64, "absolute")
+    with pytest.raises(ValueError, match="not in increasing order"):
+        rle_decode(f"{a + 20} 3 {a} 2", 64, 64, "absolute")
+    assert rle_decode(f"{a} 2 {a + 2} 3", 64, 64, "absolute").sum() == 5  # touching runs are in order
+
+
+def test_siim_forced_absolute_on_the_relative_file_stops(tmp_path, fresh_seed):
+    """--rle absolute on SIIM's relative train-rle.csv: the scan stops at the first row that cannot
+    be absolute (runs out of order), naming the file, the line, the image and the form it reads as."""
+    rng = np.random.default_rng(fresh_seed)
+    _, _, rows = excerpt_rows("siim_train-rle.csv.gz")
+    rows = [rows[j] for j in rng.permutation(len(rows))]
+    (tmp_path / "train-rle.csv").write_text("ImageId,EncodedPixels\n" + "".join(f"{i},{r.strip()}\n" for i, r in rows))
+    first = None
+    for j, (iid, rle) in enumerate(rows):
+        nums = np.array(rle.split(), dtype=np.int64)
+        st, ln = nums[0::2], nums[1::2]
+        if rle.strip() != "-1" and not (st[1:] >= st[:-1] + ln[:-1]).all():
+            first = (j + 2, iid)
+            break
+    with pytest.raises(ds.LabelFileError, match=rf"train-rle.csv, line {first[0]} \({first[1]}\): .*not in increasing "
+                                                r"order.*the file reads as relative"):
+        ds.scan_siim(tmp_path, rle="absolute")
+    assert ds.scan_siim(tmp_path).rle_form == "relative" and ds.scan_siim(tmp_path, rle="relative").rle_form == "relative"
 
 
 # ------------------------------------------------------------------------------------------------ label files
@@ -306,7 +412,9 @@ def test_nih_labels_row_by_row(tmp_path, fresh_seed, old_csv):
 def test_vinbig_any_radiologist_and_no_finding(tmp_path, fresh_seed):
     rng = np.random.default_rng(fresh_seed)
     rows = make_vinbig(tmp_path / "vin", rng)
-    prepare("vinbig", tmp_path / "vin", tmp_path / "out", size=24, fmt="npy", workers=2, progress=False)
+    s = prepare("vinbig", tmp_path / "vin", tmp_path / "out", size=24, fmt="npy", workers=2, progress=False)
+    assert "any of its radiologists" in s["labels_from"] and "'No finding' rows add nothing" in s["labels_from"]
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["labels_from"] == s["labels_from"]
     got = written(tmp_path / "out")
     expect = {}
     for r in rows:  # image_id, class_name, class_id, rad_id, ...

@@ -13,6 +13,14 @@ labels; SIIM also its RLE rows) plus the class names. Nothing is decoded here; `
 | siim    | train-rle.csv or stage_2_train.csv                | **/<ImageId>.dcm|.png           |
 |         | (ImageId, EncodedPixels; relative or absolute RLE)|                                 |
 
+Labels (also written to meta.json as ``labels_from``): NIH splits ``Finding Labels`` on ``|``
+('No Finding' = all zero). VinBig-CXR has each image read by three radiologists, one row per
+finding box and radiologist (``rad_id``); an image is positive for a class if *any* of its
+radiologists marked that class (the union of its rows, the boxes themselves unused), and a
+radiologist's 'No finding' row adds nothing, so an image is all-zero only when none of them marked
+a finding. RSNA: Target, the maximum over an image's rows. SIIM: positive when any of its
+``EncodedPixels`` rows is not ``-1``; the mask is the union of its rows.
+
 Splits: NIH keeps the official test list; its train_val list is divided into train and val by
 patient (seeded). VinBig and RSNA ship one labelled set; it is divided into train/val/test at
 random (seeded). SIIM: as many positive as negative images, the larger group drawn down to the
@@ -34,7 +42,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .images import RLE_FORMS, rle_form
+from .images import RLE_FORMS, rle_form, rle_runs
 
 __all__ = [
     "NIH_LABELS", "VINBIG_LABELS", "RSNA_LABELS", "SIIM_LABELS", "Record", "Scan", "LabelFileError",
@@ -54,6 +62,12 @@ VINBIG_LABELS = (
 VINBIG_NO_FINDING = "No finding"
 RSNA_LABELS = ("Pneumonia",)
 SIIM_LABELS = ("Pneumothorax",)
+# how each scanner turns label rows into labels (the module docstring; meta.json's labels_from)
+NIH_RULE = "Finding Labels split on '|'; 'No Finding' sets no class"
+VINBIG_RULE = ("an image is positive for a class if any of its radiologists (rad_id) marked it, over all its rows "
+               "(boxes unused); 'No finding' rows add nothing")
+RSNA_RULE = "Target, the maximum over an image's rows"
+SIIM_RULE = "positive if any EncodedPixels row of the image is not -1; the mask is the union of its rows"
 
 
 class LabelFileError(ValueError):
@@ -77,6 +91,10 @@ class Scan:
     task: str  # "multilabel", "binary" or "segmentation"
     notes: Dict[str, int] = field(default_factory=dict)  # counts of rows left out, by reason
     rle_form: str = ""  # SIIM only: how its EncodedPixels are encoded, relative or absolute (images.rle_form)
+    labels_from: str = ""  # how the labels were derived from the label file (meta.json's labels_from)
+    label_file: Optional[Path] = None
+    rle_detected: str = ""  # SIIM only: the form the file reads as (images.rle_form), whatever --rle forced
+    rle_extent: int = 0  # SIIM only: the pixel after the furthest run of any row: its grid holds at least this many
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +261,7 @@ def scan_nih(root, seed: int = 0, val_fraction: float = 0.1, csv_path=None, **_)
             records.append(Record(iid, files.get(iid), split, labels[iid]))
     listed = set(tv) | set(lists["test_list.txt"])
     notes["in the CSV but in no split file"] = sum(1 for i in labels if i not in listed)
-    return Scan("nih", NIH_LABELS, records, "multilabel", notes)
+    return Scan("nih", NIH_LABELS, records, "multilabel", notes, labels_from=NIH_RULE, label_file=csv_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +293,7 @@ def scan_vinbig(root, seed: int = 0, val_fraction: float = 0.1, test_fraction: f
     split = _random_split(ids, {"test": test_fraction, "val": val_fraction}, seed)
     files = _index_files([root / "train", root], (".dicom", ".dcm", ".png"))
     records = [Record(i, files.get(i), split[i], labels[i]) for i in ids]
-    return Scan("vinbig", VINBIG_LABELS, records, "multilabel", {})
+    return Scan("vinbig", VINBIG_LABELS, records, "multilabel", {}, labels_from=VINBIG_RULE, label_file=csv_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +317,7 @@ def scan_rsna(root, seed: int = 0, val_fraction: float = 0.1, test_fraction: flo
     dirs = [root / "stage_2_train_images", root / "stage_1_train_images", root]
     files = _index_files(dirs, (".dcm", ".dicom", ".png"))
     records = [Record(i, files.get(i), split[i], np.array([target[i]], dtype=np.uint8)) for i in ids]
-    return Scan("rsna", RSNA_LABELS, records, "binary", {})
+    return Scan("rsna", RSNA_LABELS, records, "binary", {}, labels_from=RSNA_RULE, label_file=csv_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +336,7 @@ def scan_siim(root, seed: int = 0, val_fraction: float = 0.1, test_fraction: flo
     )
     rows = read_csv(csv_path, ["ImageId", "EncodedPixels"])
     rles: Dict[str, List[str]] = {}
+    encoded: List[Dict[str, str]] = []  # the rows that hold runs
     for r in rows:
         enc = r["EncodedPixels"]
         toks = enc.split()
@@ -329,6 +348,18 @@ def scan_siim(root, seed: int = 0, val_fraction: float = 0.1, test_fraction: flo
         lst = rles.setdefault(r["ImageId"], [])
         if enc != "-1":
             lst.append(enc)
+            encoded.append(r)
+    # the form, checked on every row: a forced --rle that the file cannot be in stops here (absolute
+    # rows come in order; SIIM's relative ones mostly do not) rather than drawing garbage masks
+    detected = rle_form(r["EncodedPixels"] for r in encoded)
+    form = detected if rle == "auto" else rle
+    extent = 0
+    for r in encoded:
+        try:
+            extent = max(extent, int(rle_runs(r["EncodedPixels"], form)[1].max()))
+        except ValueError as e:
+            told = f" (--rle {rle} was given; the file reads as {detected})" if rle != "auto" else ""
+            raise LabelFileError(f"{csv_path}, line {r['_line']} ({r['ImageId']}): {e}{told}") from None
     ids = sorted(rles)
     pos = [i for i in ids if rles[i]]
     neg = [i for i in ids if not rles[i]]
@@ -345,8 +376,8 @@ def scan_siim(root, seed: int = 0, val_fraction: float = 0.1, test_fraction: flo
     records = [
         Record(i, files.get(i), split[i], np.array([1 if rles[i] else 0], dtype=np.uint8), rles[i]) for i in ids
     ]
-    form = rle_form(r for lst in rles.values() for r in lst) if rle == "auto" else rle
-    return Scan("siim", SIIM_LABELS, records, "segmentation", notes, rle_form=form)
+    return Scan("siim", SIIM_LABELS, records, "segmentation", notes, rle_form=form, labels_from=SIIM_RULE,
+                label_file=csv_path, rle_detected=detected, rle_extent=extent)
 
 
 SCANNERS = {"nih": scan_nih, "vinbig": scan_vinbig, "rsna": scan_rsna, "siim": scan_siim}

@@ -21,9 +21,13 @@ SIIM-ACR masks: ``EncodedPixels`` holds pairs ``start length`` over pixels numbe
 (down the first column first) on the image's width x height. In ``train-rle.csv`` (the first
 release) the form is *relative*: the first start is an offset from pixel 0, each later start an
 offset from the end of the previous run. Kaggle's stage-2 ``stage_2_train.csv`` is said to use the
-standard Kaggle form instead, *absolute*: each start is a 1-based pixel position. `rle_form` tells
-the two apart over a whole file. ``-1`` means an empty mask; several rows of one ImageId are
-unioned.
+standard Kaggle form instead, *absolute*: each start is a 1-based pixel position, the runs in
+increasing order and never overlapping (a row that breaks this is refused: it reads as relative).
+`rle_form` tells the two apart over a whole file. ``-1`` means an empty mask; several rows of one
+ImageId are unioned. The rows are drawn on SIIM's 1024 x 1024 originals: a downsized copy needs
+them decoded on that grid (`prepare --mask-grid 1024`), and masks that do not fit the grid they are
+decoded on raise `MaskError`, which stops `prepare` (all rows of one file share one grid, so the
+other masks would be wrong too, also the ones that happen to fit).
 """
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
-    "ImageError", "MissingDecoderError", "read_image", "read_png", "read_dicom", "fit_square",
-    "fit_square_mask", "rle_decode", "rle_encode", "rle_form", "RLE_FORMS", "to_uint8",
+    "ImageError", "MissingDecoderError", "MaskError", "read_image", "read_png", "read_dicom", "fit_square",
+    "fit_square_mask", "rle_decode", "rle_encode", "rle_form", "rle_runs", "RLE_FORMS", "to_uint8",
 ]
 
 
@@ -45,6 +49,12 @@ class ImageError(Exception):
 
 class MissingDecoderError(RuntimeError):
     """A DICOM needs a decoder plugin that is not installed: stops prepare with the package name."""
+
+
+class MaskError(RuntimeError):
+    """SIIM masks that do not fit the grid they are decoded on (a downsized copy without
+    --mask-grid, a wrong --rle form): stops prepare, since all rows of one label file share one
+    grid and form, so every other mask of the run would be wrong too."""
 
 
 def to_uint8(a: np.ndarray) -> np.ndarray:
@@ -226,26 +236,45 @@ def rle_form(rows, n_pixels: int = 1024 * 1024) -> str:
     return "absolute" if past else "relative"
 
 
+def rle_runs(rle: str, form: str = "relative") -> Tuple[np.ndarray, np.ndarray]:
+    """The runs of one non-empty EncodedPixels row as 0-based (starts, ends), ends exclusive, in
+    the order given. ValueError for a row that is not of that form: not pairs of non-negative
+    integers; absolute with a start of 0, or with runs out of increasing order or overlapping
+    (standard RLE never has them; relative offsets read as positions mostly do)."""
+    if form not in RLE_FORMS:
+        raise ValueError(f"rle form must be one of {RLE_FORMS}, got {form!r}")
+    given, lengths = _rle_pairs(rle)
+    if form == "relative":
+        ends = np.cumsum(given + lengths)
+        return ends - lengths, ends
+    if (given < 1).any():
+        raise ValueError("EncodedPixels holds a start of 0; absolute (standard Kaggle) RLE counts pixels from 1")
+    if not _in_order(given, lengths):
+        j = int(np.flatnonzero(given[1:] < given[:-1] + lengths[:-1])[0]) + 1
+        what = "overlaps" if given[j] >= given[j - 1] else "comes before"
+        raise ValueError(
+            f"EncodedPixels runs are not in increasing order as absolute positions: run {j + 1} (start "
+            f"{int(given[j])}) {what} run {j} (pixels {int(given[j - 1])}-{int(given[j - 1] + lengths[j - 1] - 1)}). "
+            "Standard (absolute) RLE lists its runs in order without overlap, so this row looks like SIIM's "
+            "relative offsets (train-rle.csv: each start counted from the end of the previous run); prepare "
+            "reads that form with --rle relative (or auto)")
+    return given - 1, given - 1 + lengths
+
+
 def rle_decode(rle: str, height: int, width: int, form: str = "relative") -> np.ndarray:
     """SIIM column-major RLE (`form` relative or absolute, see the module) -> (height, width)
-    uint8 mask of 0/1 ('-1' or '' = empty)."""
+    uint8 mask of 0/1 ('-1' or '' = empty). ValueError for a row that is not of that form
+    (`rle_runs`) or runs past height * width pixels."""
     if form not in RLE_FORMS:
         raise ValueError(f"rle form must be one of {RLE_FORMS}, got {form!r}")
     rle = (rle or "").strip()
     mask = np.zeros(height * width, dtype=np.uint8)
     if rle in ("-1", ""):
         return mask.reshape(width, height).T.copy()
-    given, lengths = _rle_pairs(rle)
-    if form == "absolute":
-        if (given < 1).any():
-            raise ValueError("EncodedPixels holds a start of 0; absolute (standard Kaggle) RLE counts pixels from 1")
-        starts = given - 1
-        ends = starts + lengths
-    else:
-        ends = np.cumsum(given + lengths)
-        starts = ends - lengths
+    starts, ends = rle_runs(rle, form)
     if ends.size and ends.max() > height * width:
         hint = ""
+        given, lengths = _rle_pairs(rle)
         if form == "relative" and given.size > 1 and _in_order(given, lengths):
             hint = ("; its starts only grow, like absolute pixel positions (the standard Kaggle RLE), "
                     "not offsets from the previous run as in SIIM's train-rle.csv: prepare reads that "

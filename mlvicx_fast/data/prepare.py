@@ -13,7 +13,15 @@ run at the first one with --strict). (2) The kept images are written per split:
 Every .beton holds the fields, in this order: image, labels (uint8 multi-hot, n_classes), index
 (row in OUT/<split>_index.csv), and for SIIM mask (uint8 0/1, size x size). OUT/<split>_index.csv
 lists row, image id and the labels in words-as-columns; OUT/meta.json the dataset, classes, task,
-size, format, split sizes and per-class positive counts.
+how the labels were derived from the label rows (labels_from), size, format, split sizes and
+per-class positive counts.
+
+SIIM masks are decoded on each image's own size, or on --mask-grid N x N (downsized copies of the
+1024 x 1024 originals). All rows of one label file share one grid, so an image smaller than the
+furthest run of the file (meta.json's rle_extent) stops the run with a `MaskError` naming the image
+and suggesting --mask-grid 1024, rather than skipping the masks that run past it and keeping, wrong
+and without a word, those that happen to fit; a --mask-grid too small for the file stops it before
+decoding, and a forced --rle that the file's rows cannot be in stops it at the scan.
 """
 from __future__ import annotations
 
@@ -29,14 +37,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from ..checkpoint import atomic_write_text
 from ..progress import progress as progress_bar
 from .datasets import SCANNERS, LabelFileError, Record, Scan
-from .images import ImageError, MissingDecoderError, fit_square, fit_square_mask, read_image, rle_decode
+from .images import ImageError, MaskError, MissingDecoderError, fit_square, fit_square_mask, read_image, rle_decode
 from .loader import drop_numba_finalizer_errors, ffcv_available, keep_torch_threads
 
 SPLITS = ("train", "val", "test")
@@ -53,39 +61,65 @@ class StrictError(RuntimeError):
 SIIM_GRID = 1024  # the side of SIIM's DICOMs, on which its RLE masks are drawn
 
 
+class MaskSpec(NamedTuple):
+    """How the SIIM masks of one run are decoded (the same for every image of it)."""
+    form: str  # "relative" or "absolute"
+    grid: Optional[int]  # --mask-grid, or None: each image's own size
+    extent: int = 0  # the pixel after the furthest run of any row of the label file (Scan.rle_extent)
+    source: str = "the label file"  # the label file, for messages
+    form_hint: str = ""  # a sentence for messages when the file reads as another form than the one used
+
+
+def _grid_misfit(path, h: int, w: int, spec: MaskSpec) -> str:
+    gh, gw = (spec.grid, spec.grid) if spec.grid else (h, w)
+    where = f"the {gh}x{gw} grid of --mask-grid {spec.grid}" if spec.grid else "the image's own grid"
+    if spec.form_hint:
+        hint = spec.form_hint
+    elif not spec.grid and max(h, w) < SIIM_GRID and spec.extent <= SIIM_GRID * SIIM_GRID:
+        hint = (f"SIIM's masks are drawn on its {SIIM_GRID}x{SIIM_GRID} originals: for downsized copies of them "
+                f"pass --mask-grid {SIIM_GRID}.")
+    else:
+        hint = "Is the label file the one of these images (--csv)?"
+    return (f"{path} is {h}x{w}, but the rows of {spec.source} reach pixel {spec.extent} as {spec.form} RLE, past "
+            f"the {gh * gw} pixels of {where}. All rows of one label file share one grid, so masks decoded on "
+            f"this one would be wrong, with no error for those that happen to fit. {hint}")
+
+
 def _load_one(task):
-    """(k, path, size, (rle rows, form, grid) or None) -> (k, image uint8 (size,size) | None, mask | None, reason).
+    """(k, path, size, (rle rows, MaskSpec) or None) -> (k, image uint8 (size,size) | None, mask | None, reason).
 
     A mask is decoded on the image's own height x width, or on a grid x grid square (--mask-grid:
-    downsized copies of SIIM's 1024 x 1024 originals) that then takes the image's geometry."""
+    downsized copies of SIIM's 1024 x 1024 originals) that then takes the image's geometry. A grid
+    smaller than the label file's furthest run raises MaskError (it stops the run), whether or not
+    this image's own rows fit: they were drawn on the same grid as the others."""
     k, path, size, mask_task = task
     try:
         img = read_image(path)
         mask = None
         if mask_task is not None:
-            rles, form, grid = mask_task
+            rles, spec = mask_task
             h, w = img.shape
-            if grid and h != w:
-                raise ImageError(f"--mask-grid {grid} needs square images; this one is {h}x{w}")
-            gh, gw = (grid, grid) if grid else (h, w)
+            if spec.grid and h != w:
+                raise ImageError(f"--mask-grid {spec.grid} needs square images; this one is {h}x{w}")
+            gh, gw = (spec.grid, spec.grid) if spec.grid else (h, w)
+            if spec.extent > gh * gw:
+                raise MaskError(_grid_misfit(path, h, w, spec))
             full = np.zeros((gh, gw), dtype=np.uint8)
             for rle in rles:
                 try:
-                    full |= rle_decode(rle, gh, gw, form)
-                except ValueError as e:
-                    hint = (f" (SIIM's masks are drawn on its {SIIM_GRID}x{SIIM_GRID} originals: for a smaller "
-                            f"copy pass --mask-grid {SIIM_GRID})" if not grid and max(h, w) < SIIM_GRID else "")
-                    raise ImageError(f"mask does not fit the {gh}x{gw} {'grid' if grid else 'image'}: {e}{hint}") from None
+                    full |= rle_decode(rle, gh, gw, spec.form)
+                except ValueError as e:  # rows the scan did not check (a caller of its own)
+                    raise MaskError(f"{path}: its mask does not fit the {gh}x{gw} grid: {e}") from None
             mask = fit_square_mask(full, size)
         return k, fit_square(img, size), mask, ""
     except ImageError as e:
         return k, None, None, str(e)
 
 
-def _decode_all(records: List[Record], size: int, workers: int, mask_spec, tmp: Path,
+def _decode_all(records: List[Record], size: int, workers: int, mask_spec: Optional[MaskSpec], tmp: Path,
                 strict: bool, progress: bool):
     """Decode into memmaps; returns (images, masks|None, reasons list ('' = kept)). mask_spec:
-    None (no masks) or (rle form, grid or None)."""
+    None (no masks) or how to decode them."""
     with_mask = mask_spec is not None
     n = len(records)
     images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(max(n, 1), size, size))
@@ -99,7 +133,7 @@ def _decode_all(records: List[Record], size: int, workers: int, mask_spec, tmp: 
             if strict:
                 raise StrictError(f"--strict: {r.image_id} ({r.split}) is listed but its image file was not found")
         else:
-            tasks.append((k, str(r.path), size, (r.rle, *mask_spec) if with_mask else None))
+            tasks.append((k, str(r.path), size, (r.rle, mask_spec) if with_mask else None))
     bar = progress_bar(total=len(tasks), desc="decode", unit="img", disable=not progress)
     pool = None
     try:
@@ -221,15 +255,26 @@ def prepare(dataset: str, root, out, size: int = 256, fmt: str = "jpg", workers:
                 per[r.split] += 1
                 kept.append(r)
         records = kept
+    with_mask = scan.task == "segmentation"
+    spec = None
+    if with_mask:
+        form_hint = ("The rows read as absolute pixel positions instead (the standard Kaggle RLE): --rle absolute, "
+                     "or auto." if scan.rle_form == "relative" and scan.rle_detected == "absolute" else "")
+        spec = MaskSpec(scan.rle_form, mask_grid, scan.rle_extent, str(scan.label_file or "the label file"), form_hint)
+        if mask_grid and scan.rle_extent > mask_grid * mask_grid:  # every image would fail: say so before decoding
+            hint = form_hint or (
+                f"SIIM's masks are drawn on its {SIIM_GRID}x{SIIM_GRID} originals: --mask-grid {SIIM_GRID}."
+                if scan.rle_extent <= SIIM_GRID * SIIM_GRID else "Is the label file the one of these images (--csv)?")
+            raise MaskError(f"--mask-grid {mask_grid}: the rows of {spec.source} reach pixel {scan.rle_extent} as "
+                            f"{scan.rle_form} RLE, past the {mask_grid * mask_grid} pixels of a {mask_grid}x{mask_grid} "
+                            f"grid. {hint}")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".prepare_tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    with_mask = scan.task == "segmentation"
     n_classes = len(scan.classes)
     try:
-        images, masks, reasons = _decode_all(records, size, workers, (scan.rle_form, mask_grid) if with_mask else None,
-                                             tmp, strict, progress)
+        images, masks, reasons = _decode_all(records, size, workers, spec, tmp, strict, progress)
         skipped = [(r, why) for r, why in zip(records, reasons) if why]
         with open(out / "skipped.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -242,11 +287,12 @@ def prepare(dataset: str, root, out, size: int = 256, fmt: str = "jpg", workers:
                                f"{out / 'skipped.csv'} (is --root the dataset folder as downloaded?)")
         summary = {
             "dataset": scan.dataset, "task": scan.task, "classes": list(scan.classes), "size": size,
-            "format": fmt, "seed": seed, "root": str(root.resolve()), "splits": {},
+            "format": fmt, "seed": seed, "root": str(root.resolve()), "labels_from": scan.labels_from,
+            "splits": {},
             "skipped": {}, "left_out": scan.notes, "fields": ["image", "labels", "index"] + (["mask"] if with_mask else []),
         }
         if with_mask:
-            summary.update(rle_form=scan.rle_form, mask_grid=mask_grid)
+            summary.update(rle_form=scan.rle_form, mask_grid=mask_grid, rle_extent=scan.rle_extent)
         for _, why in skipped:
             summary["skipped"][why] = summary["skipped"].get(why, 0) + 1
         # the old outputs go from here on: first their meta.json, so a run stopped before it writes
@@ -429,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the file, the form is written to meta.json)")
     p.add_argument("--mask-grid", type=int, default=None,
                    help="SIIM: decode masks on an N x N grid, then give them the image's geometry (for downsized "
-                        "copies of the 1024 x 1024 originals: --mask-grid 1024; default: the image's own size)")
+                        "copies of the 1024 x 1024 originals: --mask-grid 1024; default: the image's own size; "
+                        "an image or grid smaller than the label file's masks stops the run)")
     p.add_argument("--n", type=int, default=2000, help="phantom: number of images (default 2000)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -461,7 +508,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     mask_grid=args.mask_grid, **common)
         print_summary(s, args.out)
         return 0
-    except (LabelFileError, MissingDecoderError, StrictError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (LabelFileError, MissingDecoderError, MaskError, StrictError, FileNotFoundError, ValueError,
+            RuntimeError) as e:
         print(f"prepare {args.dataset}: error: {e}", file=sys.stderr)
         return 1
 
