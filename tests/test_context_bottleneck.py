@@ -29,6 +29,17 @@ def make_inputs(shape, dtype, channels_last, device=TRITON_DEVICE):
     return x, w1, w2, ws
 
 
+def tied_maxima(shape, channels_last, ties=3, device=TRITON_DEVICE):
+    """Integer-valued x in -2..1 with the maximum of each (n, c), 2, at `ties` random pixels: the
+    spatial max ties, within a tile and (where there are several) across tiles and pixel splits,
+    and its first index falls anywhere in the image, not nearly always in the first tile."""
+    N, C, H, W = shape
+    x = torch.randint(-2, 2, (N, C, H * W), device=device).float()
+    x.scatter_(-1, torch.rand(N, C, H * W, device=device).argsort(-1)[..., :ties], 2.0)
+    assert x.eq(x.amax(-1, keepdim=True)).sum(-1).ge(2).all(), "the test needs spatial ties"
+    return x.view(shape).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def run_both(x, w1, w2, ws):
     """Fused op (Triton) and float64 reference: outputs and the four gradients of each, and the
     weight gradients of the reference evaluated in float32 (the yardstick of weight_grad_misses)."""
@@ -55,6 +66,16 @@ def weight_grad_misses(grads, grads_ref, grads_f32, tol_w):
         if rel_err(g, g_ref) >= max(tol_w, 10 * rel_err(g32, g_ref)):
             bad.append(f"{name}: {rel_err(g, g_ref):.2e} (float32 torch {rel_err(g32, g_ref):.2e})")
     return bad
+
+
+def assert_float32_matches(x, w1, w2, ws):
+    """A float32 call against the float64 reference: dx element by element (the gradient of the
+    spatial max sits at one pixel per (n, c); at the wrong one of tied pixels the norm of dx
+    hardly moves on a big image), the weight gradients by the yardstick above."""
+    out, out_ref, grads, grads_ref, grads_f32 = run_both(x, w1, w2, ws)
+    assert rel_err(out, out_ref) < 2e-5
+    assert torch.allclose(grads[0].double(), grads_ref[0], rtol=1e-4, atol=1e-5), "x"
+    assert not weight_grad_misses(grads, grads_ref, grads_f32, 2e-5)
 
 
 @pytest.mark.triton
@@ -99,6 +120,15 @@ def test_max_ties_route_to_first_index(channels_last):
     assert rel_err(out, out_ref) < 1e-6
     for name, g, g_ref in zip(("x", "mlp.0", "mlp.2", "spatial"), grads, grads_ref):
         assert torch.allclose(g.double(), g_ref, rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_spatial_max_ties_route_to_first_index(channels_last):
+    """With W2 = 0 (above) the MLP passes no gradient, so dmx = 0 and which of the tied pixels
+    gets it goes unchecked: here a random W2 and several pixels at each channel's maximum."""
+    x, w1, w2, ws = make_inputs((2, 16, 24, 24), torch.float32, channels_last)
+    assert_float32_matches(tied_maxima(x.shape, channels_last), w1, w2, ws)
 
 
 @pytest.mark.triton
@@ -191,11 +221,16 @@ def test_fp16_and_strided_input():
 # The launch plan a GPU gets, checked here too (interpreted on the CPU): pixel splits (S > 1)
 # finished by the gate kernel, small tiles, several partial rows per reduction step
 # --------------------------------------------------------------------------------------------
+def use_gpu_plan(monkeypatch, sms):
+    """Launch with the plan of a GPU of `sms` multiprocessors, whatever runs the kernels."""
+    plan_for = cb._plan_for
+    monkeypatch.setattr(cb, "_plan_for", lambda x, hidden: plan_for(x, hidden, sms=sms, interp=False))
+
+
 @pytest.fixture
 def gpu_plan(monkeypatch):
     """Launch with the plan of a 132-multiprocessor GPU, whatever runs the kernels."""
-    plan_for = cb._plan_for
-    monkeypatch.setattr(cb, "_plan_for", lambda x, hidden: plan_for(x, hidden, sms=132, interp=False))
+    use_gpu_plan(monkeypatch, 132)
 
 
 GPU_PLAN_SHAPES = [(2, 8, 7, 7), (3, 40, 13, 11), (2, 64, 36, 36), (2, 130, 9, 9), (17, 6, 23, 23), (1, 1, 5, 3),
@@ -243,6 +278,37 @@ def test_gpu_plan_bf16_and_ties(gpu_plan, channels_last):
     assert rel_err(out, out_ref) < 1e-6
     for name, g, g_ref in zip(("x", "mlp.0", "mlp.2", "spatial"), grads, grads_ref):
         assert torch.allclose(g.double(), g_ref, rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_gpu_plan_spatial_max_ties_across_splits(gpu_plan, channels_last):
+    """Tied spatial maxima with a live dmx (random W2) where the pixels are split: the first
+    split that reaches the maximum keeps its index."""
+    x, w1, w2, ws = make_inputs((2, 16, 24, 24), torch.float32, channels_last)
+    assert cb._plan_for(x, w1.shape[0])[0].S == 3, "the test needs pixel splits"
+    assert_float32_matches(tied_maxima(x.shape, channels_last), w1, w2, ws)
+
+
+# the plan of a 1-multiprocessor GPU: 2 splits of 2 pixel tiles of 256 (the last one partial), and
+# with N = 4 no split, 2 tiles; the kernels that reduce over a split loop over its tiles (every other
+# shape in this file gives one tile per split)
+SEVERAL_TILES = [pytest.param((2, 16, 24, 40), 2, id="2x16x24x40-S2"),
+                 pytest.param((4, 16, 16, 24), 1, id="4x16x16x24-S1")]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape,splits", SEVERAL_TILES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("ties", [False, True], ids=["randn", "ties"])
+def test_gpu_plan_several_tiles_per_split(monkeypatch, shape, splits, channels_last, ties):
+    """Random x, and tied spatial maxima with a live dmx, where a split holds several pixel tiles."""
+    use_gpu_plan(monkeypatch, 1)
+    x, w1, w2, ws = make_inputs(shape, torch.float32, channels_last)
+    plan = cb._plan_for(x, w1.shape[0])[0]
+    tiles = cb._cdiv(min(plan.split_len, shape[2] * shape[3]), plan.bp)  # in the first split
+    assert plan.S == splits and tiles > 1, "the test needs several pixel tiles per split"
+    assert_float32_matches(tied_maxima(shape, channels_last) if ties else x, w1, w2, ws)
 
 
 @pytest.mark.triton

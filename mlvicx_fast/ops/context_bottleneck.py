@@ -563,11 +563,13 @@ def _blocks(C: int, P: int, channels_last: bool, interp: bool) -> Tuple[int, int
     The interpreter pays per program and per loop step, so it gets tiles 16x larger."""
     elems = 1 << 16 if interp else 4096
     if channels_last:
-        bc = min(_next_pow2(C), 256 if interp else 64)
+        bc = max(min(_next_pow2(C), 256 if interp else 64), 16)
         bp = min(_next_pow2(P), elems // bc)
     else:
-        bp = min(_next_pow2(P), 4096 if interp else 256)
+        bp = max(min(_next_pow2(P), 4096 if interp else 256), 16)
         bc = min(_next_pow2(C), elems // bp)
+    # each side at least 16 (tl.dot's smallest), the other side taken from the raised one, so a
+    # tile holds at most elems values (512 channels of a 2x2 map made 512 x 16 in NCHW)
     return max(bc, 16), max(bp, 16)
 
 
