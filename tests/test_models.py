@@ -281,3 +281,23 @@ def test_fp32_heads_run_the_expanders_in_float32_under_autocast():
     grad = model.backbone.conv1.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert "fp32_heads=True" in repr(model)
+
+
+@pytest.mark.parametrize("fp32_heads", [False, True])
+def test_a_head_turned_off_is_not_run(fp32_heads):
+    """The ablations' forward: the head left off gives None, is not run (the aggregation neither,
+    with the multi-level head) and gets no gradient; the other head is the full forward's."""
+    model = MLVICX(preset="paper", dim=32, backend="torch", fp32_heads=fp32_heads).eval()
+    x = torch.randn(2, 3, 64, 64)
+    z, m = model(x)
+    calls = []
+    model.aggregation.register_forward_hook(lambda *_: calls.append("aggregation"))
+    z_only, none = model(x, multilevel_head=False)
+    none2, m_only = model(x, global_head=False)
+    assert none is None and none2 is None and calls == ["aggregation"]
+    assert torch.equal(z_only, z) and torch.equal(m_only, m)
+    model.train()
+    z_only, _ = model(x, multilevel_head=False)
+    z_only.sum().backward()
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in [*model.aggregation.parameters(), *model.multilevel_expander.parameters()])

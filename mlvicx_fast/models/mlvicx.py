@@ -21,7 +21,7 @@ The loss of the two views is :class:`mlvicx_fast.MLVICXLoss` on (z1, z2, m1, m2)
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -142,14 +142,21 @@ class MLVICX(nn.Module):
         """The five refined maps t0..t4."""
         return refined_taps(self.backbone, self.context, x)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, global_head: bool = True, multilevel_head: bool = True):
+        """(z, m) for the view x. An ablation that trains one head only turns the other off (None
+        in its place): multilevel_head=False skips the aggregation and the multi-level expander,
+        global_head=False the global expander."""
         taps = self.forward_taps(x)
-        g = torch.flatten(self.backbone.avgpool(taps[-1]), 1)
-        a = self.aggregation(taps)
+        g = torch.flatten(self.backbone.avgpool(taps[-1]), 1) if global_head else None
+        a = self.aggregation(taps) if multilevel_head else None
         if not self.fp32_heads:
-            return self.global_expander(g), self.multilevel_expander(a)
+            return self._heads(g, a)
         with torch.autocast(x.device.type, enabled=False):
-            return self.global_expander(g.float()), self.multilevel_expander(a.float())
+            return self._heads(None if g is None else g.float(), None if a is None else a.float())
+
+    def _heads(self, g: Optional[torch.Tensor], a: Optional[torch.Tensor]):
+        return (None if g is None else self.global_expander(g),
+                None if a is None else self.multilevel_expander(a))
 
     def extra_repr(self) -> str:
         return f"preset={self.preset!r}, dim={self.dim}, final_bn={self.final_bn}, fp32_heads={self.fp32_heads}"
