@@ -9,10 +9,30 @@ same error on every rank instead of leaving some ranks waiting in a mismatched c
 While a CUDA graph is being captured, or torch.compile traces the call, no host read is allowed;
 the sizes of the last eager exchange for the same local shapes are used (GraphedStep's warm-up
 steps make that exchange, and a captured graph replays on its captured shapes only).
+
+``elastic_store_and_restarts(store, rank, world_size, restarts_here)`` gives the ranks of one
+torchrun attempt a store namespace of their own and the largest restart count among them.
+Under torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``) the workers' env:// store is a client of
+one TCPStore server that outlives the workers: the agent's store with the static rendezvous, and
+with the c10d rendezvous ``_shared_tcp_store_server``, made once by the first
+``DynamicRendezvousHandler.next_rendezvous`` (torch/distributed/elastic/rendezvous/
+dynamic_rendezvous.py) and handed out again on every later round; the comment in
+torch/distributed/rendezvous.py ``_create_c10d_store`` that a new store is made for every retry
+no longer holds. So the keys init_process_group wrote in an attempt that failed are still there
+when the workers are started again, and a restarted gloo group may read the address of a dead
+process. A prefix per attempt avoids that only if every rank of the attempt picks the same one,
+and ``TORCHELASTIC_RESTART_COUNT`` is not the same everywhere: ``SimpleElasticAgent._invoke_run``
+(torch/distributed/elastic/agent/server/api.py) counts a restart only on the agent whose workers
+failed; a healthy agent restarts its workers when it sees ``num_nodes_waiting() > 0`` and leaves
+its count as it was. A short handshake through the store (see the function) agrees on a fresh
+random prefix and on the largest count instead.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import os
+import secrets
+import time
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -99,3 +119,125 @@ def gather_with_grad(*xs: torch.Tensor):
         sizes = _exchange_sizes(xs)
         xs = tuple(_GatherWithGrad.apply(x, n) for x, n in zip(xs, sizes))
     return xs[0] if len(xs) == 1 else xs
+
+
+# --------------------------------------------------------------------------------------------
+# One fresh store namespace per torchrun attempt
+# --------------------------------------------------------------------------------------------
+_CURRENT_KEY = "mlvicx/current"  # the nonce of the newest attempt's rank 0
+
+
+def _hello_key(nonce: str, rank: int) -> str:
+    return f"mlvicx/{nonce}/hello/{rank}"
+
+
+def _ack_key(nonce: str, rank: int) -> str:
+    return f"mlvicx/{nonce}/ack/{rank}"
+
+
+def _attempt_prefix(nonce: str) -> str:
+    """The namespace handed to the caller (apart from the handshake's own keys)."""
+    return f"mlvicx/{nonce}/run"
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def _read(store, key: str) -> Optional[str]:
+    """The key's value, or None when it is not set; never blocks on a missing key (a plain get
+    would wait for the store's own timeout, which may be half an hour)."""
+    return _text(store.get(key)) if store.check([key]) else None
+
+
+def elastic_store_and_restarts(store, rank: int, world_size: int, restarts_here: Optional[int] = None,
+                               timeout: float = 600.0, poll: float = 0.25) -> Tuple[dist.PrefixStore, int]:
+    """(A store fresh for this attempt and the same on every rank of it, the largest
+    ``TORCHELASTIC_RESTART_COUNT`` of the attempt's ranks).
+
+    store: the raw store every rank shares (``next(dist.rendezvous("env://"))[0]`` or any c10d
+    Store), which may hold any keys of earlier attempts. restarts_here: this rank's restart count,
+    by default ``TORCHELASTIC_RESTART_COUNT`` (0 when unset). The returned count is > 0 when any
+    agent counts this attempt as a restart. The returned PrefixStore is the one to give
+    init_process_group: nothing of an earlier attempt is in its namespace. timeout (seconds): how
+    long rank 0 waits for all ranks, and another rank for rank 0; then a RuntimeError. poll: the
+    longest pause between two looks at the store.
+
+    The handshake: rank 0 draws a random nonce N and sets ``mlvicx/current`` = N. Every other rank
+    draws a random token t, reads ``mlvicx/current``, sets ``mlvicx/N/hello/<rank>`` = "t count"
+    and looks for ``mlvicx/N/ack/<rank>`` starting with t; rank 0 waits for every hello under N,
+    takes the largest count (its own included) and answers each rank with "t largest". A rank
+    reads ``mlvicx/current`` again at every look, and says hello again under a new value, until
+    its own token comes back, so a nonce of an earlier attempt (left by a rank 0 that died, maybe
+    in the middle of this same handshake, or read before this attempt's rank 0 wrote its own) is
+    left behind as soon as the new one is there. Why it is right: N is new, so only processes that
+    read it after this rank 0 wrote it can write under it, and those are this attempt's (the
+    agents stop every worker of an attempt before they start the next); an answer of an earlier
+    attempt never carries the token a rank drew just now; and every rank of this attempt reads N
+    sooner or later, as nothing but this rank 0 writes ``mlvicx/current`` while it runs. So every
+    rank leaves with this rank 0's N and with the largest count of exactly this attempt's ranks.
+    Only check, get of a key that is set, and set are used: no call waits on the store's timeout,
+    and the store's timeout is left as it is. world_size 1 makes no handshake.
+    """
+    if restarts_here is None:
+        restarts_here = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    restarts_here = int(restarts_here)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"elastic_store_and_restarts: rank {rank} is not in [0, {world_size})")
+    if world_size == 1:
+        return dist.PrefixStore(_attempt_prefix(secrets.token_hex(16)), store), restarts_here
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+
+    def sleep():
+        nonlocal pause
+        time.sleep(max(0.0, min(pause, poll, deadline - time.monotonic())))
+        pause = min(2 * pause, poll)
+
+    if rank == 0:
+        nonce = secrets.token_hex(16)
+        store.set(_CURRENT_KEY, nonce)
+        keys = [_hello_key(nonce, r) for r in range(1, world_size)]
+        while not store.check(keys):  # one look at all of them
+            if time.monotonic() >= deadline:
+                missing = [r for r, key in enumerate(keys, 1) if not store.check([key])]
+                raise RuntimeError(
+                    f"elastic_store_and_restarts: rank 0 waited {timeout:g} s for ranks {missing} of "
+                    f"{world_size} to join this attempt's store handshake (nonce {nonce}); are all "
+                    "processes started, with the same store and WORLD_SIZE?")
+            sleep()
+        hellos: Dict[int, Tuple[str, int]] = {}
+        for r, key in enumerate(keys, 1):
+            value = _text(store.get(key))
+            token, _, count = value.partition(" ")
+            try:
+                hellos[r] = (token, int(count))
+            except ValueError:
+                raise RuntimeError(f"elastic_store_and_restarts: {key} = {value!r} is not a hello of this "
+                                   "function") from None
+        most = max([restarts_here] + [count for _, count in hellos.values()])
+        for r, (token, _) in hellos.items():
+            store.set(_ack_key(nonce, r), f"{token} {most}")
+        return dist.PrefixStore(_attempt_prefix(nonce), store), most
+
+    token = secrets.token_hex(16)
+    nonce = None  # the nonce this rank said hello under
+    while True:
+        current = _read(store, _CURRENT_KEY)
+        if current is not None and current != nonce:
+            nonce = current
+            store.set(_hello_key(nonce, rank), f"{token} {restarts_here}")
+            pause = 0.005
+        if nonce is not None:
+            answer = _read(store, _ack_key(nonce, rank))
+            if answer is not None:
+                mine, _, most = answer.partition(" ")
+                if mine == token:  # else the answer to a rank of an earlier attempt
+                    return dist.PrefixStore(_attempt_prefix(nonce), store), int(most)
+        if time.monotonic() >= deadline:
+            seen = "no rank 0 has set it" if nonce is None else f"its last value {nonce} brought no answer"
+            raise RuntimeError(
+                f"elastic_store_and_restarts: rank {rank} of {world_size} waited {timeout:g} s for rank 0 of "
+                f"this attempt in the store handshake ({_CURRENT_KEY}: {seen}); is rank 0 running, with "
+                "the same store?")
+        sleep()

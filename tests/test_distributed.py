@@ -1,6 +1,11 @@
-"""gather_distributed=True on two CPU processes (gloo) equals one process on the whole batch."""
+"""gather_distributed=True on two CPU processes (gloo) equals one process on the whole batch;
+elastic_store_and_restarts over a store that holds the keys of earlier attempts."""
+import json
 import os
+import secrets
 import socket
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mlvicx_fast import MLVICXLoss, VICRegLoss
+from mlvicx_fast.distributed import elastic_store_and_restarts
 
 WORLD = 2
 
@@ -155,3 +161,186 @@ def test_gather_shape_mismatch_is_an_error_on_every_rank(tmp_path):
         message = (tmp_path / f"{rank}.txt").read_text()
         assert "must agree in every dimension but the first" in message, message
         assert "(4, 8)" in message and "(4, 9)" in message, message
+
+
+# --------------------------------------------------------------------------------------------
+# elastic_store_and_restarts: one fresh store namespace per torchrun attempt, from a store that
+# holds the keys of earlier attempts (torchrun's agent store is reused across restarts)
+# --------------------------------------------------------------------------------------------
+_CURRENT = "mlvicx/current"
+
+
+def _store_server():
+    """A TCPStore server in the test process, as torchrun's agent hosts one for the workers."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+
+
+def _client(port):
+    return dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30))
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _gloo_sum(store, rank, world):
+    """init_process_group on the store, an all_reduce of rank + 1, destroy; the sum."""
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=20))
+    try:
+        t = torch.tensor([rank + 1.0])
+        dist.all_reduce(t)
+        return t.item()
+    finally:
+        dist.destroy_process_group()
+
+
+def _attempt_worker(rank, port, world, restarts, out_dir):
+    """One worker of an attempt: the handshake, a mark through the prefix, a gloo all_reduce."""
+    client = _client(port)
+    prefix, most = elastic_store_and_restarts(client, rank, world, restarts[rank], timeout=20, poll=0.05)
+    prefix.set(f"seen/{rank}", "1")
+    total = _gloo_sum(prefix, rank, world)
+    (Path(out_dir) / f"{rank}.json").write_text(json.dumps({"most": most, "sum": total}))
+
+
+def _dead_attempt_worker(rank, port, world):
+    """Earlier attempts, left behind in the store: plain process-group keys (as a first attempt
+    that called init_process_group(backend) writes them), then handshake keys (rank 1 counting a
+    restart) and process-group keys under that handshake's prefix; then the processes exit, their
+    addresses dead."""
+    client = _client(port)
+    assert _gloo_sum(client, rank, world) == world * (world + 1) / 2
+    prefix, _ = elastic_store_and_restarts(client, rank, world, int(rank == 1), timeout=20, poll=0.05)
+    assert _gloo_sum(prefix, rank, world) == world * (world + 1) / 2
+
+
+def _check_attempt(server, out_dir, world, most, stale_nonces=()):
+    """Every rank left with the same prefix (the live mlvicx/current, none of the stale ones) and the
+    same largest count, and the gloo sum was right."""
+    nonce = _text(server.get(_CURRENT))
+    assert nonce not in stale_nonces
+    assert server.check([f"mlvicx/{nonce}/run/seen/{r}" for r in range(world)])
+    for r in range(world):
+        got = json.loads((Path(out_dir) / f"{r}.json").read_text())
+        assert got == {"most": most, "sum": world * (world + 1) / 2}, (r, got)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_elastic_store_first_attempt(tmp_path):
+    """A clean first attempt on 3 processes: one prefix, the largest count (0), a working gloo group."""
+    server = _store_server()
+    world = 3
+    mp.spawn(_attempt_worker, args=(server.port, world, [0, 0, 0], str(tmp_path)), nprocs=world, join=True)
+    _check_attempt(server, tmp_path, world, most=0)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_elastic_store_restart_over_stale_keys(tmp_path):
+    """A restart whose ranks' TORCHELASTIC_RESTART_COUNT differ (the agent whose worker failed counts
+    1, a healthy agent restarting on a membership change stays at 0), in a store holding a dead
+    attempt's handshake and process-group keys (plain and under its prefix) and an attempt that died
+    in the middle of the handshake (its rank 0 answered its rank 1 with a count of 3, and both died).
+    Every rank agrees on 1 and the gloo group works. The per-rank count would split the ranks; the
+    stale plain or prefixed keys hand them the dead processes' addresses (gloo: connection refused)."""
+    server = _store_server()
+    world = 2
+    mp.spawn(_dead_attempt_worker, args=(server.port, world), nprocs=world, join=True)
+    dead = _text(server.get(_CURRENT))
+    mid = secrets.token_hex(16)  # the attempt that died in the handshake
+    server.set(_CURRENT, mid)
+    server.set(f"mlvicx/{mid}/hello/1", "0badc0de 3")
+    server.set(f"mlvicx/{mid}/ack/1", "0badc0de 3")
+
+    mp.spawn(_attempt_worker, args=(server.port, world, [0, 1], str(tmp_path)), nprocs=world, join=True)
+    _check_attempt(server, tmp_path, world, most=1, stale_nonces=(dead, mid))
+
+
+def _run_threads(targets):
+    """Run the callables in threads; their results (or the exception each raised), in order."""
+    results = [None] * len(targets)
+
+    def run(i):
+        try:
+            results[i] = targets[i]()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(targets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+@pytest.mark.parametrize("stale_ack", [False, True], ids=["no-stale-answer", "stale-answer"])
+def test_elastic_store_rank_reads_stale_current_first(stale_ack):
+    """Rank 1 reads a dead attempt's mlvicx/current (and says hello under it) before this attempt's
+    rank 0 writes its own: it still joins, with rank 0's nonce. With stale_ack, the dead rank 0 had
+    answered a rank 1 of its own attempt (a token that is not this rank 1's, a count of 7): that
+    answer is ignored. The ranks run as threads with a store client each."""
+    server = _store_server()
+    old = secrets.token_hex(16)
+    server.set(_CURRENT, old)
+    server.set(f"mlvicx/{old}/hello/1", "0123abcd 7")
+    if stale_ack:
+        server.set(f"mlvicx/{old}/ack/1", "0123abcd 7")
+
+    def rank0():
+        client = _client(server.port)
+        deadline = time.monotonic() + 20
+        while _text(client.get(f"mlvicx/{old}/hello/1")) == "0123abcd 7":  # until rank 1 said hello under it
+            assert time.monotonic() < deadline, "rank 1 never read the stale mlvicx/current"
+            time.sleep(0.01)
+        time.sleep(0.2)  # rank 1 now waits on the stale nonce
+        prefix, most = elastic_store_and_restarts(client, 0, 2, 0, timeout=10, poll=0.05)
+        prefix.set("probe", "rank 0")
+        return most, _text(client.get(_CURRENT))
+
+    def rank1():
+        client = _client(server.port)
+        prefix, most = elastic_store_and_restarts(client, 1, 2, 1, timeout=10, poll=0.05)
+        return most, _text(prefix.get("probe"))  # set by rank 0 through its prefix: the same one
+
+    t0 = time.monotonic()
+    r0, r1 = _run_threads([rank0, rank1])
+    assert not isinstance(r0, BaseException), r0
+    assert not isinstance(r1, BaseException), r1
+    assert r0[0] == r1[0] == 1
+    assert r0[1] != old and r1[1] == "rank 0"
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["empty-store", "dead-rank-0-keys"])
+def test_elastic_store_rank_without_rank_0_times_out(stale):
+    """Rank 1 with no rank 0 raises a clear RuntimeError at the timeout, also when the store holds a
+    dead rank 0's nonce and an answer to a rank 1 of its attempt."""
+    server = _store_server()
+    if stale:
+        old = secrets.token_hex(16)
+        server.set(_CURRENT, old)
+        server.set(f"mlvicx/{old}/ack/1", "0123abcd 1")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 of 2 waited 1 s for rank 0"):
+        elastic_store_and_restarts(_client(server.port), 1, 2, 0, timeout=1.0, poll=0.05)
+    assert 1.0 <= time.monotonic() - t0 < 3
+
+
+def test_elastic_store_rank_0_without_the_others_times_out():
+    server = _store_server()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 0 waited 1 s for ranks \[1, 2\] of 3"):
+        elastic_store_and_restarts(_client(server.port), 0, 3, 0, timeout=1.0, poll=0.05)
+    assert 1.0 <= time.monotonic() - t0 < 3
+
+
+def test_elastic_store_single_process():
+    """world_size 1: no handshake (nothing written), its own count, a fresh prefix each call."""
+    store = dist.HashStore()
+    a, most = elastic_store_and_restarts(store, 0, 1, 2, timeout=0.1)
+    b, _ = elastic_store_and_restarts(store, 0, 1, 2, timeout=0.1)
+    assert most == 2 and store.num_keys() == 0
+    a.set("k", "a")
+    assert not b.check(["k"])
