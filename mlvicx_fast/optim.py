@@ -105,6 +105,18 @@ class LARS(Optimizer):
                 torch._foreach_add_(params, mu, alpha=-lr)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, and each momentum buffer takes its parameter's layout: a run resumed with
+        another --channels-last than it was saved with kept the saved layout, and the fused kernels,
+        which walk a parameter, its gradient and its momentum in one memory order, were passed over
+        for the rest of the run."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                mu = self.state.get(p, {}).get("mu")
+                if mu is not None and mu.stride() != p.stride():
+                    self.state[p]["mu"] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(mu)
+
     def _scratch_for(self, index: int, params: List[torch.Tensor]) -> List[torch.Tensor]:
         """Per-group buffers shaped like `params`, reused across steps (not part of the state)."""
         bufs = self._scratch.get(index)

@@ -48,6 +48,35 @@ def test_lars_excludes_bias_from_decay_and_trust_ratio():
     assert step.item() == pytest.approx(0.001 * w0.norm().item(), rel=1e-5)  # trust ratio: eta * ||w||
 
 
+@pytest.mark.parametrize("saved, loaded", [(torch.contiguous_format, torch.channels_last),
+                                           (torch.channels_last, torch.contiguous_format)], ids=["to-cl", "from-cl"])
+def test_resumed_momentum_takes_the_parameters_layout(saved, loaded):
+    """A resume under another --channels-last: the momentum comes back in the parameter's layout
+    (the fused kernels need one memory order for all three), with its values, and the next steps
+    equal those of an optimizer that never changed layout."""
+    def run(fmt, state=None):
+        w = torch.nn.Parameter(torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(1)).to(memory_format=fmt))
+        opt = LARS([w], lr=0.1, weight_decay=1e-4)
+        if state is not None:
+            opt.load_state_dict(state)
+        return w, opt
+
+    g = torch.randn(6, 5, 3, 3)
+    w, opt = run(saved)
+    w.grad = g.clone().to(memory_format=saved)
+    opt.step()
+    state = opt.state_dict()
+    mu = state["state"][0]["mu"].clone()
+    w2, opt2 = run(loaded, state)
+    w2.data.copy_(w.detach())
+    assert opt2.state[w2]["mu"].stride() == w2.stride() != mu.stride()
+    assert torch.equal(opt2.state[w2]["mu"], mu)
+    w.grad, w2.grad = g.to(memory_format=saved), g.to(memory_format=loaded)
+    opt.step()
+    opt2.step()
+    assert torch.allclose(w2, w, rtol=0, atol=1e-7)
+
+
 def test_lars_bad_arguments():
     with pytest.raises(ValueError, match="lr must be >= 0, got -1"):
         LARS([torch.nn.Parameter(torch.randn(2))], lr=-1)
