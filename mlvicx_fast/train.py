@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -305,8 +305,13 @@ def resolve(cfg: Config) -> Config:
 
 def check_values(cfg: Config) -> None:
     """Values no run can use stop here, before the run folder is made."""
+    names = {f.name: _flag(f) for f in dataclasses.fields(Config)}
+    bad = [f"{names[f.name]} {getattr(cfg, f.name)} (must be a finite number)" for f in dataclasses.fields(Config)
+           if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
+    if bad:  # NaN passes every comparison below
+        raise SystemExit("train: " + "; ".join(bad))
     bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} (must be >= {low})"
-           for name, low in (("epochs", 1), ("batch_size", 1), ("keep", 1), ("max_steps", 0), ("ckpt_every", 0),
+           for name, low in (("epochs", 1), ("keep", 1), ("max_steps", 0), ("ckpt_every", 0),
                              ("warmup_epochs", 0), ("lr", 0), ("base_lr", 0), ("weight_decay", 0), ("image_size", 16),
                              ("dim", 0),
                              ("phantom_n", 16), ("log_every", 1), ("seed", 0))
@@ -314,6 +319,8 @@ def check_values(cfg: Config) -> None:
     bad += [f"{flag} {getattr(cfg, name)} (must be >= 0)" for name, flag in (("lambda_", "--lambda"),
                                                                               ("global_weight", "--global-weight"))
             if getattr(cfg, name) < 0]
+    if cfg.batch_size < 2:  # per process, checked again when the process count is known
+        bad.append(f"--batch-size {cfg.batch_size} (must be >= 2: the variance term and batch norm need two samples)")
     if 0 < cfg.phantom_size < 32:
         bad.append(f"--phantom-size {cfg.phantom_size} (must be 0 or >= 32)")
     if cfg.lambda_ == 0 and cfg.global_weight == 0:
@@ -327,15 +334,18 @@ def check_values(cfg: Config) -> None:
 # --------------------------------------------------------------------------------------------
 class TwoViews(torch.nn.Module):
     """z1, m1, z2, m2 = net(x1, x2): the MLVICX network on each view (BN statistics per view,
-    as the official code's two separate forward passes)."""
+    as the official code's two separate forward passes). A head whose loss weight is 0 (the
+    ablations) is not run: its outputs are None and its parameters get no gradient, under
+    DistributedDataParallel as in one process."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, global_head: bool = True, multilevel_head: bool = True):
         super().__init__()
         self.model = model
+        self.heads = dict(global_head=global_head, multilevel_head=multilevel_head)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
-        z1, m1 = self.model(x1)
-        z2, m2 = self.model(x2)
+        z1, m1 = self.model(x1, **self.heads)
+        z2, m2 = self.model(x2, **self.heads)
         return z1, m1, z2, m2
 
 
@@ -385,8 +395,21 @@ def build_training(cfg: Config, device: torch.device, world: int = 1,
         model = convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net: torch.nn.Module = TwoViews(model)
+    # an ablation's zero-weight head is not run, so no gradient reaches it and LARS leaves it as it is
+    net: torch.nn.Module = TwoViews(model, global_head=cfg.global_weight != 0, multilevel_head=cfg.lambda_ != 0)
     if world > 1:
+        # zero gradients in each parameter's own layout before DDP is built, which then makes them
+        # views of its buckets: the first backward adds into them. Otherwise the first gradients of
+        # the aggregation's 1x1 projections (plain strides on their size-1 dimensions, the
+        # parameters channels_last's) were copied into the buckets once, with DDP's warning "Grad
+        # strides do not match bucket view strides ... may impair performance" in every run.
+        # The heads left off keep no gradient (DDP leaves those of unused parameters alone).
+        off = [model.global_expander] * (cfg.global_weight == 0) + [model.aggregation, model.multilevel_expander] * (
+            cfg.lambda_ == 0)
+        skip = {id(p) for head in off for p in head.parameters()}
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in skip:
+                p.grad = torch.zeros_like(p)
         # gradients as views of DDP's all-reduce buckets (torch's docs: no copy between gradients
         # and buckets, less peak memory); the gradients stay allocated (zero_grad set_to_none=False)
         # an ablation (--lambda 0 or --global-weight 0) leaves one expander without gradients,
@@ -406,7 +429,7 @@ def build_training(cfg: Config, device: torch.device, world: int = 1,
         """Forward both views, loss, backward, LARS update. Returns [loss, six terms] (float32)."""
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             z1, m1, z2, m2 = run(x1, x2)
-        loss, terms = loss_fn(z1.float(), z2.float(), m1.float(), m2.float(), return_terms=True)
+        loss, terms = loss_fn(*(None if e is None else e.float() for e in (z1, z2, m1, m2)), return_terms=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -471,28 +494,51 @@ def resolve_data(cfg: Config):
     return folder, split
 
 
-def setup_distributed(cfg: Config):
+class Joined(NamedTuple):
+    """The processes of one torchrun attempt, met in its store before the process group exists."""
+    store: "dist.Store"  # a namespace fresh for this attempt, the same on every process
+    rank: int
+    world: int
+    restarts: int  # the largest TORCHELASTIC_RESTART_COUNT of the attempt's processes
+
+
+def join_processes() -> Optional[Joined]:
+    """With several processes (WORLD_SIZE > 1): meet the others in the env:// store and agree on
+    a fresh namespace for the process group and on whether this attempt is a restart.
+
+    torchrun's workers share one store server across restarts (its static and its c10d
+    rendezvous alike), so the keys a failed attempt's process group wrote are still there; and its
+    restart count is the agent's own: an agent whose processes did not fail restarts them for the
+    others without counting it. A prefix taken from that count split a two-node restart between
+    two namespaces (a hang, or a connection to a dead process), and the node whose count stayed 0
+    started the run over. See mlvicx_fast.distributed.elastic_store_and_restarts."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    from .distributed import elastic_store_and_restarts
+
+    store, rank, world = next(dist.rendezvous("env://"))
+    fresh, restarts = elastic_store_and_restarts(store, rank, world)
+    return Joined(fresh, rank, world, restarts)
+
+
+def setup_distributed(cfg: Config, joined: Optional[Joined] = None):
+    """(rank, process count), the process group initialised when there are several processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
+    # every process stops alike, before any of them waits for the others
+    if cfg.batch_size % world:
+        raise SystemExit(f"train: --batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    if cfg.batch_size // world < 2:
+        raise SystemExit(f"train: --batch-size {cfg.batch_size} over {world} processes leaves {cfg.batch_size // world} "
+                         "per process; batch norm needs at least 2 (--batch-size is the global batch)")
+    joined = joined or join_processes()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device.startswith("cuda"):
         torch.cuda.set_device(local)
         cfg.device = f"cuda:{local}"
     backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarts:
-        # torchrun's static rendezvous (its default) keeps one store across restarts, and the
-        # process group's keys of the attempt before are still in it: the restarted rank 0 read the
-        # dead rank 1's address and failed to connect. A prefix per attempt keeps them apart (every
-        # process of an attempt has the same count, as torchrun's own store sharing assumes).
-        store, rank, size = next(dist.rendezvous("env://"))
-        dist.init_process_group(backend, store=dist.PrefixStore(f"mlvicx/attempt-{restarts}", store),
-                                rank=rank, world_size=size)
-    else:
-        dist.init_process_group(backend)
-    if cfg.batch_size % world:
-        raise SystemExit(f"train: --batch-size {cfg.batch_size} must be divisible by the {world} processes")
+    dist.init_process_group(backend, store=joined.store, rank=joined.rank, world_size=joined.world)
     return dist.get_rank(), world
 
 
@@ -533,7 +579,12 @@ class RunLog:
         # a resumed run: the kept rows replace the file atomically (rewritten in place, a kill before
         # the next flush left it empty or cut short), then new rows are appended
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if keep(r)]
+            text = f.read().replace("\0", "")  # a power cut can leave NUL bytes at the end
+        # a kill leaves the last line cut short (wherever the write buffer ended): dropped, as a
+        # step cut to "12" would otherwise pass for step 12 a second time, with no values
+        complete = [r for r in csv.DictReader(io.StringIO(text, newline=""))
+                    if None not in r and all(r.get(c) is not None for c in columns)]
+        rows = [r for r in complete if keep(r)]
         text = io.StringIO(newline="")
         kept = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
         kept.writeheader()
@@ -798,9 +849,10 @@ def lock_run_folder(run: Path):
 
 
 def elastic_restarts(given: Dict[str, Any]) -> int:
-    """How often torchrun has restarted this run's processes (its --max-restarts), 0 outside
-    torchrun. Restarted processes continue the run from its folder, so that folder must be known:
-    a new default folder each time would start the run over."""
+    """How often torchrun has restarted this process's workers (its --max-restarts), 0 outside
+    torchrun; with several processes they agree on the largest count (join_processes). Restarted
+    processes continue the run from its folder, so that folder must be known: a new default folder
+    each time would start the run over."""
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) and not (given.get("out") or given.get("resume")):
         raise SystemExit("train: torchrun --max-restarts: give --out (or --resume), so that restarted processes "
                          "find the run's folder and continue from its newest checkpoint")
@@ -885,11 +937,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _train(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
     given = given_options(argv)
     restarts = elastic_restarts(given)
+    joined = join_processes()  # before anything that depends on whether this is a restart
+    if joined is not None:
+        restarts = joined.restarts
     cfg = Config(**given)
     resumed: Optional[Dict[str, Any]] = None
     own: Optional[Path] = None  # the folder of the run continued (a resume writes there)
     if cfg.resume:
-        ckpt_path, resumed = find_checkpoint(cfg.resume)
+        source = Path(cfg.resume)
+        if restarts and not source.exists() and run_folder_of(source) is not None:
+            # the attempt before continued from this checkpoint into its folder, and --keep pruned
+            # it there: the folder's newest checkpoint is where this run stands
+            source = run_folder_of(source)
+        ckpt_path, resumed = find_checkpoint(str(source))
         cfg = resume_config(given, ckpt_path, resumed["config"])
         own = resumed_folder(ckpt_path, resumed["config"])
     cfg = resolve(cfg)
@@ -909,7 +969,7 @@ def _train(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
             say(f"--resume: {note}")
     # before any work (the phantom build, the loader): a --out holding another run stops here
     check_run_folder(cfg, own)
-    rank, world = setup_distributed(cfg)
+    rank, world = setup_distributed(cfg, joined)
     if world > 1 and cfg.cuda_graph:
         say("a CUDA graph around DistributedDataParallel's all-reduces is not validated yet: running without it")
         cfg.cuda_graph = False
@@ -939,8 +999,9 @@ def _train(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
                          rank=rank, world_size=world, shuffle=True, drop_last=True)  # any split, e.g. --data x/val.beton
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
+        per = f" ({cfg.batch_size // world} per process)" if world > 1 else ""
         raise SystemExit(f"train: {data_dir} split {split!r} holds fewer images than one batch of "
-                         f"{cfg.batch_size // world}; lower --batch-size")
+                         f"{cfg.batch_size}{per}; lower --batch-size")
     if resumed is not None and resumed.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
         raise SystemExit(f"train: --resume: {data_dir} split {split!r} gives {steps_per_epoch} steps per epoch, the run "
                          f"took {resumed['steps_per_epoch']}: not the dataset the run was started on")
@@ -1038,8 +1099,14 @@ def _train(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
             return False
         flag = torch.tensor([float(stop["requested"])], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop["requested"] = stop["requested"] or int(flag.item())
-        return bool(stop["requested"])
+        # every process returns the value agreed on, and none drops its own request: a signal that
+        # arrives during the all-reduce (or while .item() waits for it) is sent at the next sync
+        # point. (Reading stop["requested"] before .item() and storing after it lost such a
+        # signal, and returning a request the others had not seen stopped one process alone.)
+        agreed = int(flag.item())
+        if agreed and not stop["requested"]:
+            stop["requested"] = agreed
+        return bool(agreed)
 
     def weights_state() -> Dict[str, Any]:
         """What evaluation needs (final.pt); step checkpoints add what resuming needs."""
@@ -1131,7 +1198,7 @@ def _train(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
                                        mean_loss=sum(epoch_losses) / max(len(epoch_losses), 1),
                                        seconds=time.perf_counter() - start))
                     path = save("interrupt" if stopping else "epoch" if end_of_epoch else "step")
-                    if end_of_epoch and log is not None:
+                    if end_of_epoch:  # on every process (only rank 0 logs, all keep the list)
                         epoch_losses = []
                     if stopping:
                         raise Interrupted(path)

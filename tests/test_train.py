@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -511,11 +512,26 @@ def test_values_no_run_can_use_stop_before_the_run_folder(tmp_path, phantom_npy)
     for flags, match in ((["--keep", "0"], r"--keep 0 \(must be >= 1\)"),
                          (["--max-steps", "-1"], r"--max-steps -1 \(must be >= 0\)"),
                          (["--lambda", "0", "--global-weight", "0"], "no loss left to train on"),
-                         (["--lambda", "-1"], r"--lambda -1.0 \(must be >= 0\)")):
+                         (["--lambda", "-1"], r"--lambda -1.0 \(must be >= 0\)"),
+                         (["--batch-size", "1"], r"--batch-size 1 \(must be >= 2: the variance term and batch norm"),
+                         (["--lr", "nan"], r"--lr nan \(must be a finite number\)"),
+                         (["--warmup-epochs", "inf", "--lambda", "nan"],
+                          r"--warmup-epochs inf \(must be a finite number\); --lambda nan \(must be a finite")):
         out = tmp_path / "never"
         with pytest.raises(SystemExit, match=match):
             train.main(["--data", str(phantom_npy), "--out", str(out), *TINY, *flags])
         assert not out.exists(), flags
+
+
+def test_the_batch_must_split_into_two_or_more_per_process(monkeypatch):
+    """Checked by every process before any of them waits for the others in the rendezvous."""
+    cfg = train.resolve(train.Config(data="x", batch_size=8, device="cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match=r"--batch-size 8 must be divisible by the 3 processes"):
+        train.setup_distributed(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(SystemExit, match=r"--batch-size 8 over 8 processes leaves 1 per process; batch norm needs"):
+        train.setup_distributed(cfg)
 
 
 def test_builtin_run_lr_and_phantom_set(monkeypatch, tmp_path):
@@ -701,21 +717,55 @@ def _ablation_worker(rank, port, cfgs, x1, x2):
         for cfg in cfgs:
             parts = train.build_training(cfg, torch.device("cpu"), WORLD)
             parts.lr.fill_(0.1)
-            for _ in range(2):  # DDP's check for parameters without gradients fires on the second step
-                assert torch.isfinite(parts.step(x1, x2)).all()
+            off = ["global_expander."] if cfg.global_weight == 0 else ["aggregation.", "multilevel_expander."]
+            before = {k: v.clone() for k, v in parts.model.state_dict().items() if k.startswith(tuple(off))}
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                for _ in range(2):  # DDP's check for parameters without gradients fires on the second step
+                    assert torch.isfinite(parts.step(x1, x2)).all()
+            # the 1x1 projections' first gradients (channels_last) used to be copied into DDP's buckets
+            strides = [str(w.message) for w in seen if "bucket view strides" in str(w.message)]
+            assert not strides, strides[0]
+            # the head left off is not run: no update (DDP had given it zero gradients, and LARS
+            # weight decay), and no BN statistics
+            after = parts.model.state_dict()
+            changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+            assert before and not changed, changed
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_two_gloo_processes_run_the_ablations(tmp_path):
-    """--lambda 0 and --global-weight 0 leave one expander without gradients; under DDP that must
-    not stop the second step ("Expected to have finished reduction in the prior iteration")."""
+    """--lambda 0 and --global-weight 0 leave one head off; under DDP that must not stop the second
+    step ("Expected to have finished reduction in the prior iteration"), and the head must stay as
+    it is, as in one process."""
     base = dict(data="x", preset="paper", dim=64, image_size=32, batch_size=8, compile=False, cuda_graph=False,
-                channels_last=False, precision="fp32", device="cpu")
+                channels_last=True, precision="fp32", device="cpu")
     cfgs = [train.resolve(train.Config(**base, lambda_=0.0)), train.resolve(train.Config(**base, global_weight=0.0))]
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     mp.spawn(_ablation_worker, args=(_free_port(), cfgs, x1, x2), nprocs=WORLD, join=True)
+
+
+def test_a_torchrun_restart_of_a_resumed_run_whose_checkpoint_was_pruned(phantom_npy, tmp_path, monkeypatch, capsys):
+    """torchrun --max-restarts ... --resume RUN/checkpoints/ckpt-2.pt: the first attempt continues
+    from it and --keep prunes it; a restarted attempt then stopped ("no checkpoint there that
+    loads") although the folder held newer ones. It continues from the newest."""
+    run, args = tmp_path / "run", ["--data", str(phantom_npy), *TINY, "--ckpt-every", "2", "--keep", "2"]
+    assert train.main([*args, "--out", str(tmp_path / "whole"), "--max-steps", "6"]) == 0
+    assert train.main([*args, "--out", str(run), "--max-steps", "2"]) == 0
+    first = run / "checkpoints" / "ckpt-00000002.pt"
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert train.main(["--resume", str(first), "--max-steps", "5", "--keep", "2"]) == 0  # then a process "failed"
+    assert not first.exists()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train.main(["--resume", str(first), "--max-steps", "6", "--keep", "2"]) == 0
+    assert "torchrun restart 1: continuing from " + str(run / "checkpoints" / "ckpt-00000005.pt") in capsys.readouterr().out
+    assert [(r["step"], r["loss"]) for r in _rows(run)] == [(r["step"], r["loss"]) for r in _rows(tmp_path / "whole")]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a first attempt still names what is missing
+    with pytest.raises(SystemExit, match="no checkpoint there that loads"):
+        train.main(["--resume", str(first), "--max-steps", "6"])
 
 
 @pytest.mark.distributed
@@ -784,6 +834,52 @@ def test_torchrun_stop_is_taken_by_every_process_after_the_same_step(phantom_npy
     assert int(_rows(run)[-1]["step"]) == step
 
 
+def _signal_race_worker(rank, port, how, run, data):
+    """train.main on two gloo processes, with a SIGTERM delivered inside stop_agreed's agreement."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    real_all_reduce, real_item = dist.all_reduce, torch.Tensor.item
+    state = {"max_calls": 0, "armed": False}
+
+    def all_reduce(t, op=dist.ReduceOp.SUM, **kw):
+        out = real_all_reduce(t, op=op, **kw)
+        if op == dist.ReduceOp.MAX:  # stop_agreed's
+            state["max_calls"] += 1
+            if state["max_calls"] == 2:
+                if how == "rank-1-during-all-reduce" and rank == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                state["armed"] = how == "both-during-item"
+        return out
+
+    def item(self):
+        value = real_item(self)
+        if state["armed"]:
+            state["armed"] = False
+            os.kill(os.getpid(), signal.SIGTERM)  # as if it came while .item() waited for the all-reduce
+        return value
+
+    dist.all_reduce, torch.Tensor.item = all_reduce, item
+    code = train.main(["--data", data, "--out", run, *TINY, "--epochs", "3", "--quiet", "--device", "cpu"])
+    if code != 143:
+        raise SystemExit(f"rank {rank}: exit status {code}, expected 143 (stopped by SIGTERM)")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("how", ["both-during-item", "rank-1-during-all-reduce"])
+def test_a_signal_during_the_stop_agreement_stops_every_process_after_one_step(phantom_npy, tmp_path, how):
+    """A SIGTERM that lands while the processes agree whether to stop was lost (both processes went
+    on to the end of the run), or stopped only the process that got it (the other then failed in its
+    next all-reduce, and nothing was saved)."""
+    run = tmp_path / "run"
+    mp.spawn(_signal_race_worker, args=(_free_port(), how, str(run), str(phantom_npy)), nprocs=WORLD, join=True)
+    saved = sorted((run / "checkpoints").iterdir())
+    assert saved and load(saved[-1])["reason"] == "interrupt", saved
+    steps = [int(r["step"]) for r in _rows(run)]
+    assert steps == list(range(1, load(saved[-1])["step"] + 1)), steps
+    assert not (run / "final.pt").exists()  # stopped, not run to its end
+
+
 @pytest.mark.distributed
 def test_torchrun_restarts_a_killed_process_and_the_run_continues(phantom_npy, tmp_path):
     """A process killed outright (no checkpoint on the way out): torchrun --max-restarts starts both
@@ -814,6 +910,53 @@ def test_torchrun_restarts_a_killed_process_and_the_run_continues(phantom_npy, t
     assert re.search(r"torchrun restart 1: continuing from \S*ckpt-\d+\.pt", out), out[-3000:]
     assert [int(r["step"]) for r in _rows(run)] == list(range(1, 17))
     assert load(run / "final.pt")["step"] == 16
+
+
+@pytest.mark.distributed
+def test_two_torchrun_nodes_restart_a_killed_process_and_continue_exactly(phantom_npy, tmp_path):
+    """The README's cluster command on two "nodes" of this machine (one torchrun agent each, one
+    process per node, torchrun's c10d rendezvous): a process killed on the second node makes both
+    agents start their processes again, which continue from the newest checkpoint and end on the
+    losses of an uninterrupted run (the same two-rank run on one node)."""
+    def cmd(run, *torchrun):
+        return [sys.executable, "-m", "torch.distributed.run", *torchrun, "--max-restarts", "1", "--monitor-interval",
+                "0.2", "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out", str(run), *TINY, "--epochs",
+                "50", "--max-steps", "12", "--ckpt-every", "2"]
+
+    whole = tmp_path / "whole"
+    r = subprocess.run(cmd(whole, "--nproc-per-node", "2", "--master-port", str(_free_port())), capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    run, port = tmp_path / "run", _free_port()
+    nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+             f"127.0.0.1:{port}", "--rdzv-id", "test"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    agents = [subprocess.Popen(cmd(run, *nodes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env, start_new_session=True) for _ in range(2)]
+    workers = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and all(a.poll() is None for a in agents) and not list(
+                run.glob("checkpoints/ckpt-*.pt")):
+            time.sleep(0.1)
+        # which agent holds global rank 1 is the rendezvous' choice
+        victim = next(_rank_pid(a.pid, 1) for a in agents if _has_rank(a.pid, 1))
+        workers.append(victim)
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(1)
+        workers += [_rank_pid(a.pid, r) for a in agents for r in (0, 1) if _has_rank(a.pid, r)]
+        outs = [a.communicate(timeout=300)[0] for a in agents]
+    finally:
+        for pid in [a.pid for a in agents] + workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    out = "\n".join(outs)
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(f"--- agent {i}:\n" + o[-2500:] for i, o in enumerate(outs))
+    assert out.count("torchrun restart 1: continuing from") == 1, out[-3000:]  # said by rank 0 alone
+    assert [r["step"] for r in _rows(run)] == [r["step"] for r in _rows(whole)] == [str(i) for i in range(1, 13)]
+    assert [r["loss"] for r in _rows(run)] == [r["loss"] for r in _rows(whole)]
 
 
 @pytest.mark.distributed
@@ -896,6 +1039,26 @@ def test_resumed_logs_are_on_disk_before_the_first_new_row(tmp_path):
         assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".*.tmp"))  # no temporary left
     finally:
         resumed.close()
+
+
+@pytest.mark.parametrize("tail", ["1", "11,2,0.0", "\0" * 37, "11,2\0\0"], ids=["step-cut", "row-cut", "nul", "row-nul"])
+def test_a_resume_drops_the_line_a_kill_cut_short(tmp_path, tail):
+    """After a kill -9 or a power cut log.csv ends wherever its write buffer did: a row cut to "1"
+    was kept as step 1 a second time (empty values; the loss plot then failed), NUL bytes stopped
+    the resume with a csv error."""
+    from mlvicx_fast.train import RunLog
+
+    first = RunLog(tmp_path, None, steps_per_epoch=4)
+    for step in range(1, 11):
+        first.step({"step": step, "epoch": (step - 1) // 4, "loss": 1.0 / step})
+    first.close()
+    with open(tmp_path / "log.csv", "a", newline="") as f:
+        f.write(tail)
+    resumed = RunLog(tmp_path, 10, steps_per_epoch=4)
+    resumed.step({"step": 11, "epoch": 2, "loss": 0.1})
+    resumed.close()
+    with open(tmp_path / "log.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 12))
 
 
 def test_fp32_heads_default_and_resume():
