@@ -923,14 +923,16 @@ def test_two_torchrun_nodes_restart_a_killed_process_and_continue_exactly(phanto
                 "0.2", "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out", str(run), *TINY, "--epochs",
                 "50", "--max-steps", "12", "--ckpt-every", "2"]
 
+    # one thread each in both runs: torchrun sets OMP_NUM_THREADS=1 only for several processes per
+    # node, and another thread count sums the convolutions in another order (losses 1e-6 apart)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     whole = tmp_path / "whole"
     r = subprocess.run(cmd(whole, "--nproc-per-node", "2", "--master-port", str(_free_port())), capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                       text=True, timeout=300, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     run, port = tmp_path / "run", _free_port()
     nodes = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
              f"127.0.0.1:{port}", "--rdzv-id", "test"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     agents = [subprocess.Popen(cmd(run, *nodes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=env, start_new_session=True) for _ in range(2)]
     workers = []
