@@ -1198,6 +1198,7 @@ def _train(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
                                        mean_loss=sum(epoch_losses) / max(len(epoch_losses), 1),
                                        seconds=time.perf_counter() - start))
                     path = save("interrupt" if stopping else "epoch" if end_of_epoch else "step")
+                    t_last = time.perf_counter()  # pairs/s is of the steps: checkpoint writes are left out
                     if end_of_epoch:  # on every process (only rank 0 logs, all keep the list)
                         epoch_losses = []
                     if stopping:
