@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     batches = args.batches or ([64, 256] if device == "cuda" else [8])
     providers = args.providers or (["fused", "torch-batched", "torch-loop"] if device == "cuda"
                                    else ["torch-batched", "torch-loop"])
+    info = meta(device, batches=batches, source=args.source, size=args.size)
     rows = []
     for n in batches:
         x = torch.randint(0, 256, (n, args.source, args.source), dtype=torch.uint8, device=device)
@@ -103,10 +104,10 @@ def main(argv=None) -> int:
             if prov == "torch-batched":
                 base = t["ms"]
             rows.append(row)
+            write_results(args.name, rows, COLUMNS, info)  # after every row: a stage cut short keeps them
         for row in rows:
             if row["batch"] == n and base:
                 row["speedup_vs_batched"] = base / row["ms"]
-    info = meta(device, batches=batches, source=args.source, size=args.size)
     print(write_results(args.name, rows, COLUMNS, info))
     return 0
 

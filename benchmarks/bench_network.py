@@ -73,6 +73,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=None, help="image side (default 224; 64 with --quick)")
     p.add_argument("--preset", default="official", choices=["official", "paper"])
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {', '.join(PROVIDERS)}")
+    p.add_argument("--rep-ms", type=float, default=3000.0,
+                   help="timing budget per provider in ms (default 3000; the memory columns do not depend on it)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
@@ -91,6 +93,11 @@ def main(argv=None):
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
 
+    meta = common_meta(device, preset=args.preset,
+                autocast_bf16=not args.fp32, channels_last=not args.nchw, compiled=args.compile,
+                interpreted=os.environ.get("TRITON_INTERPRET", "0") == "1",
+                step="one view: forward, then backward of sum(z*gz) + sum(m*gm); no loss, no optimizer")
+    name = args.name or ("bench_network_compiled" if args.compile else "bench_network")
     rows = []
     for batch in batches:
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
@@ -110,7 +117,7 @@ def main(argv=None):
                 loss.backward()
 
             step()  # warm-up (and compilation)
-            t = bench(step, device, warmup=1, reps=3, warmup_ms=500, rep_ms=3000)
+            t = bench(step, device, warmup=1, reps=3, warmup_ms=500, rep_ms=args.rep_ms)
             row = dict(provider=provider, batch=batch, size=size, compiled=args.compile, **t)
             row["images/s"] = batch / (t["ms"] * 1e-3)
             row["peak_extra_MiB"] = peak_extra_mib(step, device)
@@ -118,6 +125,7 @@ def main(argv=None):
             rows.append(row)
             print(f"batch {batch:4d} {provider:>16}: {t['ms']:9.2f} ms  {row['images/s']:8.0f} img/s  "
                   f"peak {row['peak_extra_MiB']} MiB", flush=True)
+            write_results(name, rows, COLUMNS, meta)  # after every row: a stage cut short keeps them
             del model, run, z, m
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -128,11 +136,7 @@ def main(argv=None):
                 row["speedup_vs_reference"] = times["reference"] / row["ms"]
             if "resnet18-g" in times:
                 row["ratio_to_resnet18-g"] = row["ms"] / times["resnet18-g"]
-    meta = common_meta(device, preset=args.preset,
-                autocast_bf16=not args.fp32, channels_last=not args.nchw, compiled=args.compile,
-                interpreted=os.environ.get("TRITON_INTERPRET", "0") == "1",
-                step="one view: forward, then backward of sum(z*gz) + sum(m*gm); no loss, no optimizer")
-    name = args.name or ("bench_network_compiled" if args.compile else "bench_network")
+        write_results(name, rows, COLUMNS, meta)
     print(write_results(name, rows, COLUMNS, meta))
 
 

@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     preset = "paper" if args.quick else args.preset
     providers = ["foreach", "fused"] if device == "cuda" else ["foreach"]
     bw = copy_bandwidth_gbs(device) if device == "cuda" else None
+    info = meta(device, preset=preset, copy_GBps=bw, note="floor = 7 passes x 4 bytes per parameter at copy bandwidth")
     rows = []
     for which in ("mlvicx", "bare"):
         params = parameter_set(which, preset, device)
@@ -72,11 +73,11 @@ def main(argv=None) -> int:
                              **t, floor_ms=floor, vs_floor=t["ms"] / floor if floor else None,
                              speedup_vs_foreach=base / t["ms"] if base else None))
             print(f"  {which:6s} {provider:8s} {t['ms']:8.3f} ms", flush=True)
+            write_results(args.name, rows, COLUMNS, info)  # after every row: a stage cut short keeps them
             del opt
         del params
         if device == "cuda":
             torch.cuda.empty_cache()
-    info = meta(device, preset=preset, copy_GBps=bw, note="floor = 7 passes x 4 bytes per parameter at copy bandwidth")
     print(write_results(args.name, rows, COLUMNS, info))
     return 0
 

@@ -113,6 +113,10 @@ def main(argv=None) -> int:
         base = {}
         for provider in args.providers:
             torch.manual_seed(0)
+            if args.compile:
+                # a fresh compile per batch: the code cached for the batch before would make dynamo
+                # recompile with a dynamic batch dimension, not the static one training runs
+                torch._dynamo.reset()
             step = build(provider, args.preset, device, args.compile)
             fmt = torch.channels_last if provider != "official" and device == "cuda" else torch.contiguous_format
             dtype = torch.bfloat16 if provider != "official" and device == "cuda" else torch.float32

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
 import json
 import os
 import platform
@@ -160,18 +161,27 @@ def saved_for_backward_bytes(fn: Callable[[], object], exclude=()) -> int:
 
 def write_results(name: str, rows: List[dict], columns: List[str], meta: dict, out_dir: Path = OUT_DIR) -> str:
     """Write rows as CSV, JSON (with meta) and a markdown table; return the markdown."""
+    # each file replaced whole (written aside, then renamed): the scripts write after every row,
+    # and a stage's time limit may stop one mid-write, which left a JSON that targets.py could not read
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    with open(out_dir / f"{name}.json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    _replace(out_dir / f"{name}.csv", text.getvalue())
+    _replace(out_dir / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     md = markdown_table(rows, columns)
     header = (f"<!-- {name}: {meta.get('device')}, {meta.get('date')}, commit {meta.get('commit')}, "
               f"torch {meta.get('torch')} -->\n")
-    (out_dir / f"{name}.md").write_text(header + md)
+    _replace(out_dir / f"{name}.md", header + md)
     return md
+
+
+def _replace(path: Path, text: str) -> None:
+    part = path.with_name(f".{path.name}.part")
+    with open(part, "w", newline="") as f:
+        f.write(text)
+    os.replace(part, path)
 
 
 def markdown_table(rows: List[dict], columns: List[str]) -> str:

@@ -6,7 +6,10 @@
 # with RESULTS.md + plots/ gathered by benchmarks/run_all.py from them at the end.
 # STAGES="a b" runs only the named stages; GPU_TESTS overrides the test files of gpu_tests.
 #
-#   MLVICX_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh   # repository root
+#   MLVICX_COMMIT=<short hash> bash benchmarks/gpu_check.sh   # repository root
+#
+# Give the hash as text (the local `git rev-parse --short HEAD`): the device's copy of the tree has
+# no git metadata, so a $(git ...) in the device command comes out empty ("commit unknown").
 #
 # A device session has about 15 minutes in all (machine start included) and one call may run 10, so
 # the script keeps its own deadline: DEADLINE_S (default 540 s after it starts) bounds every stage's
@@ -28,7 +31,7 @@ RESERVE_S=20   # kept back for the targets table, run_all.py and the archive
 skipped=""
 
 # STAGES picks stages by name (default: all); they run in the order of the stage lines below
-STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step bench_aggregate train_smoke bench_augment profile_step bench_optim bench_network profile_loss bench_step_compile"}
+STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step train_smoke bench_aggregate bench_augment profile_step bench_optim bench_network profile_loss bench_step_compile"}
 stage() {  # stage NAME SECONDS command...: run with a limit, log to $RES/NAME.log, keep going
   local name=$1 limit=$2
   shift 2
@@ -41,8 +44,10 @@ stage() {  # stage NAME SECONDS command...: run with a limit, log to $RES/NAME.l
   fi
   [ "$limit" -le "$left" ] || limit=$left
   echo "== $name (limit ${limit}s, $((SECONDS))s elapsed)"
-  # -k: train.py answers SIGTERM by finishing its step and saving, which may outlast the limit
-  timeout -k 10 "$limit" "$@" >"$RES/$name.log" 2>&1
+  # SIGINT at the limit: pytest then still prints its summary of failures (SIGTERM left dots
+  # only), the benchmarks have written their rows so far, train.py finishes its step and saves;
+  # -k: SIGKILL if that outlasts 15 s
+  timeout -s INT -k 15 "$limit" "$@" >"$RES/$name.log" 2>&1
   local rc=$?
   tail -n 12 "$RES/$name.log"
   [ $rc = 0 ] || { echo "!! $name exited with $rc"; status=1; }
@@ -55,40 +60,49 @@ archive() {  # one archive with every log and result so far, for transports that
 }
 
 nvidia-smi -L || { echo "gpu_check: no NVIDIA GPU visible"; exit 1; }
+if [ -z "${MLVICX_COMMIT:-}" ]; then
+  MLVICX_COMMIT=$(git rev-parse --short HEAD 2>/dev/null) && export MLVICX_COMMIT \
+    || echo "!! MLVICX_COMMIT is not set and there is no git here: the results will say 'commit unknown'"
+fi
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 
 # Stages run in this order (their priority); STAGES only picks which.
 # 1. correctness with compiled kernels: the test files that launch GPU kernels (the rest is CPU-side
 #    and runs in CI)
-GPU_TESTS=${GPU_TESTS:-"tests/test_vicreg.py tests/test_lars.py tests/test_loss_modules.py tests/test_context_bottleneck.py tests/test_aggregate.py tests/test_models.py tests/test_augment.py"}
+GPU_TESTS=${GPU_TESTS:-"tests/test_vicreg.py tests/test_lars.py tests/test_loss_modules.py tests/test_context_bottleneck.py tests/test_aggregate.py tests/test_models.py tests/test_augment.py tests/test_cuda_graph.py"}
 # most of this stage is Triton compiling kernels on the CPU: with pytest-xdist (the GPU image has it)
 # six processes share the GPU and the on-disk kernel cache
 XDIST=""
 python3 -c 'import xdist' 2>/dev/null && XDIST="-n ${GPU_TEST_PROCS:-6}"
 NOBENCH=""  # pytest-benchmark's option, only where it is installed (else pytest rejects it)
 python3 -c 'import pytest_benchmark' 2>/dev/null && NOBENCH="--benchmark-disable"
+PER_TEST=""  # a hung test fails alone, with its traceback, instead of taking the stage's whole limit
+python3 -c 'import pytest_timeout' 2>/dev/null && PER_TEST="--timeout ${GPU_TEST_TIMEOUT:-120}"
 # shellcheck disable=SC2086
-stage gpu_tests 170 python3 -m pytest $GPU_TESTS $XDIST -q -p no:cacheprovider $NOBENCH --maxfail=20 -rfEs
+stage gpu_tests 170 python3 -m pytest $GPU_TESTS $XDIST -q -p no:cacheprovider $NOBENCH $PER_TEST --maxfail=20 -rfEs
 # 2. fused loss: all shapes, fp32 + bf16; the compiled official formula where its target is set
-stage bench_loss 60 python3 benchmarks/bench_loss.py --device cuda --compile-shapes 64x2048
+stage bench_loss 75 python3 benchmarks/bench_loss.py --device cuda --compile-shapes 64x2048
 # 3. context bottleneck at the five taps, batch 64, bf16 channels_last: eager, compiled, fused; plain
 #    timing and one CUDA-graph replay (GPU work alone), launches and torch ops per call
 stage bench_context 150 python3 benchmarks/bench_context.py --batch 64 --dtype bf16 --layout cl
 # 4. whole step at batch 64 and 256: official recipe, bare ResNet18, ours, ours fed by the augmentation
 stage bench_step 100 python3 benchmarks/bench_step.py --batches 64 256
-# 5. the aggregation alone at batch 64, fp32 and bf16: official 64x64 form against the exact one
+# 5. the training command on a small phantom set (npy: no FFCV here): eager first (no GPU training run
+#    has finished a step yet), then the GPU defaults (bf16, CUDA graph, no compile), then those with
+#    --fp32-heads (float32 expanders; on by default only on a CPU, where bf16 expanders cost demo
+#    margin); each under its own limit, so one that fails or hangs leaves the others. pairs/s from
+#    each run's log.csv (the steps alone: checkpoint writes are left out of it)
+stage train_smoke 150 bash -c 'python3 -c "from mlvicx_fast.data.prepare import ensure_phantom; ensure_phantom(\"/tmp/ph\", n=768, fmt=\"npy\")" || exit 1
+  rm -rf /tmp/run_graph /tmp/run_eager /tmp/run_heads  # a rerun on a warm machine: train refuses a folder holding a run
+  rc=0
+  timeout -s INT -k 10 40 python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 20 --no-cuda-graph --out /tmp/run_eager || rc=1
+  timeout -s INT -k 10 50 python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 40 --out /tmp/run_graph || rc=1
+  timeout -s INT -k 10 40 python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 40 --fp32-heads --out /tmp/run_heads || rc=1
+  for r in eager graph heads; do echo "$r: last rows of log.csv"; tail -n 3 /tmp/run_$r/log.csv 2>/dev/null; done
+  exit $rc'
+# 6. the aggregation alone at batch 64, fp32 and bf16: official 64x64 form against the exact one
 #    (peak memory target)
 stage bench_aggregate 40 python3 benchmarks/bench_aggregate.py --batch 64
-# 6. the training command on a small phantom set (npy: no FFCV here), GPU defaults (bf16, CUDA graph,
-#    no compile), then eager, then the defaults with --fp32-heads (float32 expanders; on by default
-#    only on a CPU, where bf16 expanders cost demo margin): pairs/s from each run's log.csv
-stage train_smoke 150 bash -c 'set -e
-  python3 -c "from mlvicx_fast.data.prepare import ensure_phantom; ensure_phantom(\"/tmp/ph\", n=768, fmt=\"npy\")"
-  rm -rf /tmp/run_graph /tmp/run_eager /tmp/run_heads  # a rerun on a warm machine: train refuses a folder holding a run
-  python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 40 --out /tmp/run_graph
-  python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 20 --no-cuda-graph --out /tmp/run_eager
-  python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 40 --fp32-heads --out /tmp/run_heads
-  for r in graph eager heads; do echo "$r: last rows of log.csv"; tail -n 3 /tmp/run_$r/log.csv; done'
 # 7. the two-view augmentation kernel
 stage bench_augment 30 python3 benchmarks/bench_augment.py --device cuda
 # 8. which kernels fill ours' step beyond the bare ResNet18 step (eager, profiler)
@@ -96,7 +110,7 @@ stage profile_step 60 python3 benchmarks/profile_step.py --batch 64
 # 9. one LARS step over the network's parameters: foreach ops vs the fused kernels
 stage bench_optim 40 python3 benchmarks/bench_optim.py
 # 10. network forward + backward, one view (aggregation memory inside the network)
-stage bench_network 40 python3 benchmarks/bench_network.py --batches 64,256
+stage bench_network 40 python3 benchmarks/bench_network.py --batches 64 --providers reference,reference-exact,fused --rep-ms 1000
 # 11. where the loss's time goes at the small shape (host and GPU)
 stage profile_loss 40 python3 benchmarks/profile_loss.py --shape 64x2048
 # 12. ours and bare with torch.compile inside the CUDA graph (the first step compiles: minutes)

@@ -160,10 +160,14 @@ def verdicts(out_dir: Path, loader_path: Path = None):
         if not path.exists():
             out.append((name, None, [(name, "—", "—", f"not measured (no {path.name})")]))
             continue
-        data = json.loads(path.read_text())
-        on_cpu = str(data["meta"].get("device", "")).startswith("CPU")
+        try:  # one unreadable file costs its own rows, not the table
+            data = json.loads(path.read_text())
+            on_cpu = str(data["meta"].get("device", "")).startswith("CPU")
+            results = check(data, loader=loader) if name == "bench_step" else check(data)
+        except Exception as e:  # noqa: BLE001 - a cut-short or older file: say what, go on
+            out.append((name, None, [(name, "—", "—", f"unreadable {path.name} ({type(e).__name__}: {e})")]))
+            continue
         rows = []
-        results = check(data, loader=loader) if name == "bench_step" else check(data)
         for what, value, wanted, ok in results:
             shown = "—" if value is None else f"{value:.2f}"
             verdict = "not measured" if ok is None else ok if isinstance(ok, str) else ("PASS" if ok else "FAIL")

@@ -74,3 +74,17 @@ def test_targets_a_run_did_not_reach_are_not_measured():
     rows = [dict(r, shape="2x512x7x7") for r in rows]
     assert all(ok is None for _, _, _, ok in targets.context_targets({"rows": rows}))
     assert targets.loss_targets({"rows": []})[-1] == ("loss peak extra memory / inputs", None, "< 2x", None)
+
+
+def test_a_cut_short_result_file_costs_its_own_rows_only(tmp_path):
+    """A stage's time limit can stop a script while it writes its JSON; the table still comes out,
+    with that file named, and common.write_results now replaces each file whole."""
+    import common
+
+    common.write_results("bench_loss", [dict(shape="64x2048", dtype="fp32", provider="ours", ms=random.uniform(1, 2))],
+                         ["shape", "dtype", "provider", "ms"], {"device": "test"}, out_dir=tmp_path)
+    assert not list(tmp_path.glob(".*.part"))
+    (tmp_path / "bench_step.json").write_text('{"meta": {"device": "NVIDIA H200"}, "rows": [{"provider": "ou')
+    table = targets.table(tmp_path)
+    assert "unreadable bench_step.json (JSONDecodeError" in table
+    assert "not measured (no bench_context.json)" in table
