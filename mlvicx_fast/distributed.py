@@ -153,7 +153,8 @@ def _read(store, key: str) -> Optional[str]:
 def elastic_store_and_restarts(store, rank: int, world_size: int, restarts_here: Optional[int] = None,
                                timeout: float = 600.0, poll: float = 0.25) -> Tuple[dist.PrefixStore, int]:
     """(A store fresh for this attempt and the same on every rank of it, the largest
-    ``TORCHELASTIC_RESTART_COUNT`` of the attempt's ranks).
+    ``TORCHELASTIC_RESTART_COUNT`` of the attempt's ranks, at least 1 when the store holds an
+    earlier attempt's handshake).
 
     store: the raw store every rank shares (``next(dist.rendezvous("env://"))[0]`` or any c10d
     Store), which may hold any keys of earlier attempts. restarts_here: this rank's restart count,
@@ -195,6 +196,10 @@ def elastic_store_and_restarts(store, rank: int, world_size: int, restarts_here:
         pause = min(2 * pause, poll)
 
     if rank == 0:
+        # an earlier attempt's handshake in the store: this attempt is a restart even when no agent
+        # counted one (a node whose agent was started again counts from 0, and the healthy agents
+        # restart theirs for it without counting); the store lives as long as the job's rendezvous
+        earlier = store.check([_CURRENT_KEY])
         nonce = secrets.token_hex(16)
         store.set(_CURRENT_KEY, nonce)
         keys = [_hello_key(nonce, r) for r in range(1, world_size)]
@@ -215,7 +220,7 @@ def elastic_store_and_restarts(store, rank: int, world_size: int, restarts_here:
             except ValueError:
                 raise RuntimeError(f"elastic_store_and_restarts: {key} = {value!r} is not a hello of this "
                                    "function") from None
-        most = max([restarts_here] + [count for _, count in hellos.values()])
+        most = max([restarts_here, int(earlier)] + [count for _, count in hellos.values()])
         for r, (token, _) in hellos.items():
             store.set(_ack_key(nonce, r), f"{token} {most}")
         return dist.PrefixStore(_attempt_prefix(nonce), store), most

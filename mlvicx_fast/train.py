@@ -499,7 +499,7 @@ class Joined(NamedTuple):
     store: "dist.Store"  # a namespace fresh for this attempt, the same on every process
     rank: int
     world: int
-    restarts: int  # the largest TORCHELASTIC_RESTART_COUNT of the attempt's processes
+    restarts: int  # the largest TORCHELASTIC_RESTART_COUNT of the attempt's processes (>= 1 after an earlier attempt)
 
 
 def join_processes() -> Optional[Joined]:
@@ -938,7 +938,10 @@ def _train(argv: Optional[List[str]], held: contextlib.ExitStack) -> int:
     given = given_options(argv)
     restarts = elastic_restarts(given)
     joined = join_processes()  # before anything that depends on whether this is a restart
-    if joined is not None:
+    if joined is not None and (given.get("out") or given.get("resume")):
+        # a restart the agents did not count (see elastic_store_and_restarts) continues the run as
+        # a counted one does; without a folder named there is no run to continue (each attempt
+        # starts one in a new default folder, as before)
         restarts = joined.restarts
     cfg = Config(**given)
     resumed: Optional[Dict[str, Any]] = None

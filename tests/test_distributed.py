@@ -313,6 +313,22 @@ def test_elastic_store_rank_reads_stale_current_first(stale_ack):
     assert time.monotonic() - t0 < 5
 
 
+@pytest.mark.parametrize("earlier", [False, True], ids=["first-attempt", "after-an-attempt"])
+def test_elastic_store_counts_a_restart_no_agent_counted(earlier):
+    """Every agent's count 0: a first attempt is 0, but after an earlier attempt in the same store
+    (a node whose agent was started anew counts from 0, and the healthy agents restart theirs for
+    it without counting) the attempt is a restart: 1."""
+    server = _store_server()
+    if earlier:
+        server.set(_CURRENT, secrets.token_hex(16))
+
+    def rank(r):
+        return lambda: elastic_store_and_restarts(_client(server.port), r, 2, 0, timeout=10, poll=0.05)[1]
+
+    got = _run_threads([rank(0), rank(1)])
+    assert got == [int(earlier)] * 2, got
+
+
 @pytest.mark.parametrize("stale", [False, True], ids=["empty-store", "dead-rank-0-keys"])
 def test_elastic_store_rank_without_rank_0_times_out(stale):
     """Rank 1 with no rank 0 raises a clear RuntimeError at the timeout, also when the store holds a
