@@ -31,7 +31,7 @@ RESERVE_S=20   # kept back for the targets table, run_all.py and the archive
 skipped=""
 
 # STAGES picks stages by name (default: all); they run in the order of the stage lines below
-STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step train_smoke bench_aggregate bench_augment profile_step bench_optim bench_network profile_loss bench_step_compile"}
+STAGES=${STAGES:-"gpu_tests bench_loss bench_context bench_step train_eager train_graph train_heads bench_aggregate bench_augment profile_step bench_optim bench_network profile_loss bench_step_compile"}
 stage() {  # stage NAME SECONDS command...: run with a limit, log to $RES/NAME.log, keep going
   local name=$1 limit=$2
   shift 2
@@ -87,19 +87,21 @@ stage bench_loss 75 python3 benchmarks/bench_loss.py --device cuda --compile-sha
 stage bench_context 150 python3 benchmarks/bench_context.py --batch 64 --dtype bf16 --layout cl
 # 4. whole step at batch 64 and 256: official recipe, bare ResNet18, ours, ours fed by the augmentation
 stage bench_step 100 python3 benchmarks/bench_step.py --batches 64 256
-# 5. the training command on a small phantom set (npy: no FFCV here): eager first (no GPU training run
-#    has finished a step yet), then the GPU defaults (bf16, CUDA graph, no compile), then those with
+# 5. the training command on a small phantom set (npy: no FFCV here), one stage per run so each
+#    gets the stage's SIGINT and deadline (a timeout nested in a stage's bash -c sits in a process
+#    group of its own, which the stage's limit never reached): eager first (no GPU training run has
+#    finished a step yet), then the GPU defaults (bf16, CUDA graph, no compile), then those with
 #    --fp32-heads (float32 expanders; on by default only on a CPU, where bf16 expanders cost demo
-#    margin); each under its own limit, so one that fails or hangs leaves the others. pairs/s from
-#    each run's log.csv (the steps alone: checkpoint writes are left out of it)
-stage train_smoke 150 bash -c 'python3 -c "from mlvicx_fast.data.prepare import ensure_phantom; ensure_phantom(\"/tmp/ph\", n=768, fmt=\"npy\")" || exit 1
-  rm -rf /tmp/run_graph /tmp/run_eager /tmp/run_heads  # a rerun on a warm machine: train refuses a folder holding a run
-  rc=0
-  timeout -s INT -k 10 40 python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 20 --no-cuda-graph --out /tmp/run_eager || rc=1
-  timeout -s INT -k 10 50 python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 40 --out /tmp/run_graph || rc=1
-  timeout -s INT -k 10 40 python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64 --max-steps 40 --fp32-heads --out /tmp/run_heads || rc=1
-  for r in eager graph heads; do echo "$r: last rows of log.csv"; tail -n 3 /tmp/run_$r/log.csv 2>/dev/null; done
-  exit $rc'
+#    margin). pairs/s from each run's log.csv (the steps alone: checkpoint writes are left out)
+TRAIN="python3 -m mlvicx_fast.train --data /tmp/ph/nih --batch-size 64"
+PHANTOM='from mlvicx_fast.data.prepare import ensure_phantom; ensure_phantom("/tmp/ph", n=768, fmt="npy")'
+rm -rf /tmp/run_graph /tmp/run_eager /tmp/run_heads  # a rerun on a warm machine: train refuses a folder holding a run
+# shellcheck disable=SC2086
+stage train_eager 45 bash -c "python3 -c '$PHANTOM' && $TRAIN --max-steps 20 --no-cuda-graph --out /tmp/run_eager && tail -n 3 /tmp/run_eager/log.csv"
+# shellcheck disable=SC2086
+stage train_graph 50 bash -c "python3 -c '$PHANTOM' && $TRAIN --max-steps 40 --out /tmp/run_graph && tail -n 3 /tmp/run_graph/log.csv"
+# shellcheck disable=SC2086
+stage train_heads 40 bash -c "python3 -c '$PHANTOM' && $TRAIN --max-steps 40 --fp32-heads --out /tmp/run_heads && tail -n 3 /tmp/run_heads/log.csv"
 # 6. the aggregation alone at batch 64, fp32 and bf16: official 64x64 form against the exact one
 #    (peak memory target)
 stage bench_aggregate 40 python3 benchmarks/bench_aggregate.py --batch 64

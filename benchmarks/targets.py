@@ -163,9 +163,14 @@ def verdicts(out_dir: Path, loader_path: Path = None):
         try:  # one unreadable file costs its own rows, not the table
             data = json.loads(path.read_text())
             on_cpu = str(data["meta"].get("device", "")).startswith("CPU")
-            results = check(data, loader=loader) if name == "bench_step" else check(data)
-        except Exception as e:  # noqa: BLE001 - a cut-short or older file: say what, go on
+        except (ValueError, KeyError, AttributeError, TypeError) as e:  # cut short, or not a result file
             out.append((name, None, [(name, "—", "—", f"unreadable {path.name} ({type(e).__name__}: {e})")]))
+            continue
+        try:
+            results = check(data, loader=loader) if name == "bench_step" else check(data)
+        except Exception as e:  # noqa: BLE001 - rows this check does not know: say so, go on
+            out.append((name, data["meta"], [(name, "—", "—", f"could not judge {path.name} "
+                                                               f"({type(e).__name__}: {e})")]))
             continue
         rows = []
         for what, value, wanted, ok in results:

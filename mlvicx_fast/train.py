@@ -526,7 +526,8 @@ def setup_distributed(cfg: Config, joined: Optional[Joined] = None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-    # every process stops alike, before any of them waits for the others
+    # every process checks the same values, so all stop alike (after the store handshake, before
+    # the process group)
     if cfg.batch_size % world:
         raise SystemExit(f"train: --batch-size {cfg.batch_size} must be divisible by the {world} processes")
     if cfg.batch_size // world < 2:

@@ -524,7 +524,7 @@ def test_values_no_run_can_use_stop_before_the_run_folder(tmp_path, phantom_npy)
 
 
 def test_the_batch_must_split_into_two_or_more_per_process(monkeypatch):
-    """Checked by every process before any of them waits for the others in the rendezvous."""
+    """Checked by every process alike (before the process group is made), so all stop together."""
     cfg = train.resolve(train.Config(data="x", batch_size=8, device="cpu"))
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit, match=r"--batch-size 8 must be divisible by the 3 processes"):
@@ -1043,11 +1043,12 @@ def test_resumed_logs_are_on_disk_before_the_first_new_row(tmp_path):
         resumed.close()
 
 
-@pytest.mark.parametrize("tail", ["1", "11,2,0.0", "\0" * 37, "11,2\0\0"], ids=["step-cut", "row-cut", "nul", "row-nul"])
+@pytest.mark.parametrize("tail", ["1", "5,1,0.2", "\0" * 37, "5,1\0\0", "11,2,0.0"],
+                         ids=["step-cut", "row-cut", "nul", "row-nul", "past-the-step"])
 def test_a_resume_drops_the_line_a_kill_cut_short(tmp_path, tail):
     """After a kill -9 or a power cut log.csv ends wherever its write buffer did: a row cut to "1"
-    was kept as step 1 a second time (empty values; the loss plot then failed), NUL bytes stopped
-    the resume with a csv error."""
+    (or any row cut short whose step is not past the resumed one) was kept as that step a second
+    time, with empty values (the loss plot then failed); NUL bytes made a step of their own."""
     from mlvicx_fast.train import RunLog
 
     first = RunLog(tmp_path, None, steps_per_epoch=4)
