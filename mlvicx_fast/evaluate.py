@@ -614,6 +614,10 @@ def _normalise_methods(methods) -> List[Tuple[str, str]]:
     names = [n for n, _ in pairs]
     if len(set(names)) != len(names):
         raise EvaluationError(f"method names must differ, got {names}; name them with NAME=PATH")
+    slugs = [_slug(n) for n in names]  # the saved models' file names
+    if len(set(slugs)) != len(slugs):
+        raise EvaluationError(f"method names must differ in their letters, digits, '.', '_' and '-' (they name "
+                              f"the saved models' files), got {names}")
     for _, source in pairs:
         if source != RANDOM:
             resolve_checkpoint(source)  # fail before any training
@@ -1149,6 +1153,15 @@ def plot_results(results: Dict, path: PathLike) -> Path:
     return path
 
 
+def _json_kind(path: Path) -> Optional[str]:
+    """The "kind" of a JSON file, or None (not JSON, or no kind)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj.get("kind") if isinstance(obj, dict) else None
+
+
 def write_json(obj: Dict, path: Path) -> Path:
     """Strict JSON (NaN -> null) written through a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1538,7 +1551,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms, so a seed's run repeats exactly on a GPU too (slower; "
                             "a CPU run repeats without it)")
-        s.add_argument("--out", required=True, help="output folder (created)")
+        s.add_argument("--out", required=True,
+                       help="output folder (created); one that holds results.json is refused (another evaluation's: "
+                            "use another --out, then 'evaluate table A B --out M' merges them), unless --overwrite")
+        s.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
 
     s = sub.add_parser("cls", help="classification: linear probe / fine-tune, AUC tables",
@@ -1690,6 +1706,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             reuse_freed_memory()  # ~20 % off a CPU training step (see mlvicx_fast/host.py)
         if args.command in ("cls", "seg"):
+            held = Path(args.out) / "results.json"
+            if held.is_file() and not args.overwrite:
+                raise EvaluationError(f"--out {args.out} already holds results.json (another evaluation's runs, replaced "
+                                      "at the first run of this one): give another --out and merge them with "
+                                      "'evaluate table A B --out M', or --overwrite to replace them")
+            if args.image_size is not None and (args.image_size < 32 or (args.command == "seg" and args.image_size % 32)):
+                raise EvaluationError(f"--image-size {args.image_size}: must be >= 32"
+                                      + (" and a multiple of 32 (the U-Net halves it five times)" if args.command == "seg"
+                                         else ""))
             if args.deterministic:
                 from .checkpoint import make_deterministic
 
@@ -1710,7 +1735,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cmp = compare_results(a, b, args.a_method, args.b_method, args.a, args.b)
             print(format_comparison(cmp))
             if args.out:
-                write_json(cmp, Path(args.out))
+                target = Path(args.out)
+                if target.is_dir():  # every other --out is a folder
+                    target = target / "compare.json"
+                if target.is_file() and _json_kind(target) == "mlvicx-eval":
+                    raise EvaluationError(f"--out {args.out} is an evaluation's results.json; the comparison would "
+                                          "replace it: give another file or a folder")
+                print(f"wrote {write_json(cmp, target)}")
         elif args.command == "table":
             merged = merge_results([read_results(r) for r in args.results], args.results)
             print(format_table(merged))

@@ -157,6 +157,21 @@ def test_cli_errors_name_the_bad_input(tmp_path, phantom, capsys):
         code = ev.main(["cls", "--data", str(phantom / "nih"), "--ckpt", "random", "--out", str(tmp_path / "o"),
                         "--protocol", "finetune", "--fractions", "100", *flags])
         assert code == 2 and match in capsys.readouterr().err, flags
+    # another evaluation's results are not replaced without --overwrite; sizes no model can take
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "results.json").write_text('{"kind": "mlvicx-eval", "runs": []}')
+    code = ev.main(["cls", "--data", str(phantom / "nih"), "--ckpt", "random", "--out", str(held)])
+    assert code == 2 and "already holds results.json" in capsys.readouterr().err
+    assert (held / "results.json").read_text() == '{"kind": "mlvicx-eval", "runs": []}'
+    for command, size, match in (("cls", "8", "--image-size 8: must be >= 32"),
+                                 ("seg", "48", "--image-size 48: must be >= 32 and a multiple of 32")):
+        code = ev.main([command, "--data", str(phantom / "nih"), "--ckpt", "random", "--out", str(tmp_path / "o"),
+                        "--image-size", size])
+        assert code == 2 and match in capsys.readouterr().err, command
+    code = ev.main(["cls", "--data", str(phantom / "nih"), "--ckpt", "MLVICX (a)=random", "--ckpt", "MLVICX_a=random",
+                    "--out", str(tmp_path / "o")])
+    assert code == 2 and "they name the saved models' files" in capsys.readouterr().err
     # a one-image subset cannot train BatchNorm: fine-tuning and the U-Net say so before any work
     code = ev.main(["seg", "--data", str(phantom / "siim"), "--ckpt", "random", "--out", str(tmp_path / "o"),
                     "--protocol", "frozen", "--fractions", "0.01"])
@@ -324,6 +339,14 @@ def test_cls_end_to_end_compare_and_heatmap(tmp_path, phantom, run_folder, capsy
         assert len(a) == len(b) == 2
         assert s["n"] == 2 and s["mean_diff"] == pytest.approx(np.mean(a) - np.mean(b))
         assert s["p"] == pytest.approx(ttest_rel(a, b).pvalue)
+    # --out a folder writes compare.json there; an evaluation's results.json is not replaced by it
+    cmp_args = ["compare", str(out), str(out), "--a-method", "MLVICX", "--b-method", "Random init"]
+    assert ev.main([*cmp_args, "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "compare.json").read_text()) == cmp
+    before = (out / "results.json").read_text()
+    assert ev.main([*cmp_args, "--out", str(out / "results.json")]) == 2
+    assert "the comparison would replace it" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
     assert ev.main(["compare", str(out), str(out)]) == 2
     assert "choose one with --a-method" in capsys.readouterr().err
 
