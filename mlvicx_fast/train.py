@@ -305,9 +305,9 @@ def resolve(cfg: Config) -> Config:
 
 def check_values(cfg: Config) -> None:
     """Values no run can use stop here, before the run folder is made."""
-    names = {f.name: _flag(f) for f in dataclasses.fields(Config)}
-    bad = [f"{names[f.name]} {getattr(cfg, f.name)} (must be a finite number)" for f in dataclasses.fields(Config)
-           if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
+    values = {_flag(f): getattr(cfg, f.name) for f in dataclasses.fields(Config)}
+    bad = [f"{flag} {v} (must be a finite number)" for flag, v in values.items()
+           if isinstance(v, float) and not math.isfinite(v)]
     if bad:  # NaN passes every comparison below
         raise SystemExit("train: " + "; ".join(bad))
     bad = [f"--{name.replace('_', '-')} {getattr(cfg, name)} (must be >= {low})"
@@ -404,9 +404,7 @@ def build_training(cfg: Config, device: torch.device, world: int = 1,
         # parameters channels_last's) were copied into the buckets once, with DDP's warning "Grad
         # strides do not match bucket view strides ... may impair performance" in every run.
         # The heads left off keep no gradient (DDP leaves those of unused parameters alone).
-        off = [model.global_expander] * (cfg.global_weight == 0) + [model.aggregation, model.multilevel_expander] * (
-            cfg.lambda_ == 0)
-        skip = {id(p) for head in off for p in head.parameters()}
+        skip = {id(p) for head in model.modules_off(**net.heads) for p in head.parameters()}
         for p in model.parameters():
             if p.requires_grad and id(p) not in skip:
                 p.grad = torch.zeros_like(p)
@@ -580,10 +578,10 @@ class RunLog:
         # a resumed run: the kept rows replace the file atomically (rewritten in place, a kill before
         # the next flush left it empty or cut short), then new rows are appended
         with open(path, newline="") as f:
-            text = f.read().replace("\0", "")  # a power cut can leave NUL bytes at the end
+            old = f.read().replace("\0", "")  # a power cut can leave NUL bytes at the end
         # a kill leaves the last line cut short (wherever the write buffer ended): dropped, as a
         # step cut to "12" would otherwise pass for step 12 a second time, with no values
-        complete = [r for r in csv.DictReader(io.StringIO(text, newline=""))
+        complete = [r for r in csv.DictReader(io.StringIO(old, newline=""))
                     if None not in r and all(r.get(c) is not None for c in columns)]
         rows = [r for r in complete if keep(r)]
         text = io.StringIO(newline="")

@@ -70,16 +70,21 @@ class MaskSpec(NamedTuple):
     form_hint: str = ""  # a sentence for messages when the file reads as another form than the one used
 
 
+def _misfit_hint(spec: MaskSpec, below_siim: bool) -> str:
+    """The likely cause of masks that do not fit their grid: the RLE form, a grid below SIIM's
+    (below_siim: the grid used is smaller than SIIM's originals), or another label file."""
+    if spec.form_hint:
+        return spec.form_hint
+    if below_siim and spec.extent <= SIIM_GRID * SIIM_GRID:
+        return (f"SIIM's masks are drawn on its {SIIM_GRID}x{SIIM_GRID} originals: for downsized copies of them "
+                f"pass --mask-grid {SIIM_GRID}.")
+    return "Is the label file the one of these images (--csv)?"
+
+
 def _grid_misfit(path, h: int, w: int, spec: MaskSpec) -> str:
     gh, gw = (spec.grid, spec.grid) if spec.grid else (h, w)
     where = f"the {gh}x{gw} grid of --mask-grid {spec.grid}" if spec.grid else "the image's own grid"
-    if spec.form_hint:
-        hint = spec.form_hint
-    elif not spec.grid and max(h, w) < SIIM_GRID and spec.extent <= SIIM_GRID * SIIM_GRID:
-        hint = (f"SIIM's masks are drawn on its {SIIM_GRID}x{SIIM_GRID} originals: for downsized copies of them "
-                f"pass --mask-grid {SIIM_GRID}.")
-    else:
-        hint = "Is the label file the one of these images (--csv)?"
+    hint = _misfit_hint(spec, below_siim=not spec.grid and max(h, w) < SIIM_GRID)
     return (f"{path} is {h}x{w}, but the rows of {spec.source} reach pixel {spec.extent} as {spec.form} RLE, past "
             f"the {gh * gw} pixels of {where}. All rows of one label file share one grid, so masks decoded on "
             f"this one would be wrong, with no error for those that happen to fit. {hint}")
@@ -262,12 +267,9 @@ def prepare(dataset: str, root, out, size: int = 256, fmt: str = "jpg", workers:
                      "or auto." if scan.rle_form == "relative" and scan.rle_detected == "absolute" else "")
         spec = MaskSpec(scan.rle_form, mask_grid, scan.rle_extent, str(scan.label_file or "the label file"), form_hint)
         if mask_grid and scan.rle_extent > mask_grid * mask_grid:  # every image would fail: say so before decoding
-            hint = form_hint or (
-                f"SIIM's masks are drawn on its {SIIM_GRID}x{SIIM_GRID} originals: --mask-grid {SIIM_GRID}."
-                if scan.rle_extent <= SIIM_GRID * SIIM_GRID else "Is the label file the one of these images (--csv)?")
             raise MaskError(f"--mask-grid {mask_grid}: the rows of {spec.source} reach pixel {scan.rle_extent} as "
                             f"{scan.rle_form} RLE, past the {mask_grid * mask_grid} pixels of a {mask_grid}x{mask_grid} "
-                            f"grid. {hint}")
+                            f"grid. {_misfit_hint(spec, below_siim=mask_grid < SIIM_GRID)}")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".prepare_tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -154,6 +154,11 @@ class MLVICX(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return self._heads(None if g is None else g.float(), None if a is None else a.float())
 
+    def modules_off(self, global_head: bool = True, multilevel_head: bool = True) -> List[nn.Module]:
+        """The modules ``forward(x, global_head, multilevel_head)`` does not run."""
+        return ([] if global_head else [self.global_expander]) + (
+            [] if multilevel_head else [self.aggregation, self.multilevel_expander])
+
     def _heads(self, g: Optional[torch.Tensor], a: Optional[torch.Tensor]):
         return (None if g is None else self.global_expander(g),
                 None if a is None else self.multilevel_expander(a))
