@@ -622,9 +622,17 @@ def test_cuda_rng_states_restored_for_the_devices_this_process_has(monkeypatch):
     assert calls == [(0, 0)]
 
 
+def _env(tmp_path, **extra):
+    """A subprocess's environment: this checkout importable, output unbuffered, and temporary files
+    (torchrun's torchelastic_* log folders and error files) under the test's own folder, not /tmp."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", TMPDIR=str(tmp), **extra)
+
+
 def _start_and_wait(cmd, run, **popen):
     """Start a training command; return once its log has two rows."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env = _env(run.parent)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not (
@@ -772,7 +780,7 @@ def test_a_torchrun_restart_of_a_resumed_run_whose_checkpoint_was_pruned(phantom
 def test_torchrun_two_cpu_processes_end_to_end(phantom_npy, tmp_path):
     """The README's torchrun command on two CPU processes: one run folder, written by rank 0 alone."""
     run = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env = _env(tmp_path)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                         str(_free_port()), "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out", str(run),
                         "--max-steps", "3", "--ckpt-every", "2", *TINY],
@@ -925,7 +933,7 @@ def test_two_torchrun_nodes_restart_a_killed_process_and_continue_exactly(phanto
 
     # one thread each in both runs: torchrun sets OMP_NUM_THREADS=1 only for several processes per
     # node, and another thread count sums the convolutions in another order (losses 1e-6 apart)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = _env(tmp_path, OMP_NUM_THREADS="1")
     whole = tmp_path / "whole"
     r = subprocess.run(cmd(whole, "--nproc-per-node", "2", "--master-port", str(_free_port())), capture_output=True,
                        text=True, timeout=300, env=env)
@@ -972,7 +980,7 @@ def test_torchrun_stops_every_process_when_rank_0_cannot_take_the_folder(phantom
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                             str(_free_port()), "-m", "mlvicx_fast.train", "--data", str(phantom_npy), "--out", str(run),
                             "--max-steps", "1", *TINY], capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                           env=_env(tmp_path))
     finally:
         lock.close()
     out = r.stdout + r.stderr
